@@ -1,0 +1,64 @@
+"""Make every pass of one XSAM step see the same batch the same way.
+
+XSAM evaluates one minibatch several times (theta_0, the ascent points, the probe points). Two things
+must not differ between those passes, or the method measures noise instead of the loss landscape:
+the random numbers (dropout masks) and BatchNorm's running statistics, which only the theta_0 pass
+may update (shared/XSAM.md, steps 7 and 8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+class RNGState:
+    """A snapshot of the CPU generator and the CUDA generators of ``devices``; ``restore()`` rewinds to it.
+
+    Example::
+
+        rng = RNGState.capture()
+        a = torch.rand(3)
+        rng.restore()
+        assert torch.equal(a, torch.rand(3))
+    """
+
+    def __init__(self, cpu: torch.Tensor, cuda: dict[int, torch.Tensor]):
+        self.cpu = cpu
+        self.cuda = cuda
+
+    @classmethod
+    def capture(cls, devices: Iterable[torch.device] = ()) -> RNGState:
+        cuda_indices = sorted({d.index if d.index is not None else torch.cuda.current_device()
+                               for d in devices if d.type == "cuda"})
+        return cls(torch.get_rng_state(), {i: torch.cuda.get_rng_state(i) for i in cuda_indices})
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for index, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, index)
+
+
+@contextlib.contextmanager
+def frozen_running_stats(model: nn.Module | None) -> Iterator[None]:
+    """Inside the block, BatchNorm layers in training mode normalise with the batch statistics, as usual,
+    but leave ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched.
+
+    ``model=None`` is allowed and does nothing, so callers need not special-case models without BatchNorm.
+    """
+    # track_running_stats=False in training mode is exactly "use batch stats, update nothing" in
+    # _BatchNorm.forward; momentum=0 would still bump num_batches_tracked and turn NaN stats into NaN buffers.
+    toggled = []
+    if model is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                module.track_running_stats = False
+                toggled.append(module)
+    try:
+        yield
+    finally:
+        for module in toggled:
+            module.track_running_stats = True

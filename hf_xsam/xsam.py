@@ -1,0 +1,451 @@
+"""XSAM: eXplicit Sharpness-Aware Minimization (Chen & Zhou, ICLR 2026, arXiv 2603.10048), in pure PyTorch.
+
+The algorithm is restated in shared/XSAM.md; the symbols below follow it (rho, rho_max, alpha, v0, v1, psi,
+theta_0). This module never imports transformers: the Trainer glue sits on top of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch.optim import Optimizer
+
+from hf_xsam.replay import RNGState, frozen_running_stats
+
+# Below this sin(psi), v0 and v1 are (anti)parallel: the great circle through them is not unique and
+# the slerp coefficients blow up (1/sin(psi)). The direction then falls back to v1, i.e. SAM's gradient.
+SIN_PSI_MIN = 1e-4
+
+# Keys XSAM adds to every param group. They are global to the optimizer (the norms are global),
+# live in the groups so that state_dict() carries them, and are kept equal across groups.
+_HYPERPARAMETERS = ("rho", "rho_max", "alpha_max", "alpha_step", "ascent_steps", "alpha_update_interval", "eps")
+_COUNTERS = ("alpha", "xsam_step")
+
+
+@dataclass
+class DirectionInfo:
+    """What `XSAM.set_direction` measured on this step (for logging).
+
+    psi: angle between v0 and v1 in radians, a 0-dim tensor on the parameters' device (reading it syncs);
+        None when it was not computed (alpha = 1 without a probe is plain SAM and skips the geometry).
+    alpha: the alpha the direction was built with (after the probe, if one ran).
+    probe_losses: the loss at each probe point, in grid order, or None when no probe ran.
+    """
+
+    psi: torch.Tensor | None
+    alpha: float
+    probe_losses: list[float] | None = None
+
+
+class XSAM(Optimizer):
+    r"""eXplicit Sharpness-Aware Minimization around any base optimizer.
+
+    Example::
+
+        model = torch.nn.Linear(4, 1)
+        opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+
+        def closure(backward=True):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            if backward:
+                loss.backward()
+            return loss
+
+        loss = opt.step(closure)  # the loss at theta_0
+
+    One step (shared/XSAM.md): gradient g_0 at theta_0; ``ascent_steps`` (k) normalised ascent steps of
+    length rho/k; gradient g_k at theta_k; v0 = (theta_k - theta_0)/||.||, v1 = g_k/||g_k||,
+    psi = arccos<v0, v1>; direction d = ||g_k|| v(alpha) with v(alpha) the slerp from v0 through v1; the
+    weights go back to theta_0 bitwise and the base optimizer steps with d as the gradient. Every
+    ``alpha_update_interval`` steps alpha is re-chosen by probing the loss at theta_0 + rho_max v(alpha) for
+    alpha in {0, alpha_step, ..., alpha_max} and keeping the argmax (ties: the smaller alpha).
+    alpha = 1 without probing is exactly SAM; rho = 0 is exactly the base optimizer.
+
+    Args:
+        params: parameters or param groups, as for any optimizer; ``None`` when ``base_optimizer`` is an instance.
+        base_optimizer: an optimizer class (built with ``params`` and ``**base_kwargs``) or an optimizer instance.
+        rho (0.05): total ascent length.
+        rho_max (2 * rho): radius of the probe points.
+        alpha (1.0): the initial alpha, or the fixed one when ``alpha_update_interval`` is 0.
+        alpha_max (2.0): the probe grid's upper end.
+        alpha_step (0.1): the probe grid's spacing (the paper's delta).
+        ascent_steps (1): k, the number of ascent steps.
+        alpha_update_interval (0): optimizer steps between probes; 0 never probes. Probes run on steps
+            0, N, 2N, ... (counted by ``step()``).
+        eps (1e-12): added to every norm. Norms and dot products are accumulated in float32 (float64 for
+            float64 parameters), so this is safe for bf16/fp16 parameters too.
+        foreach (None): use the ``torch._foreach_*`` kernels (default) or the per-parameter loop that
+            they mirror.
+
+    Memory: one persistent buffer the size of the parameters that receive gradients (theta_0, kept between
+    steps so it is allocated once; not in ``state_dict()``), beyond the base optimizer's own state. A step
+    with alpha != 1, or one that probes, holds a second parameter-sized buffer (theta_k - theta_0) from the
+    end of the ascent until the weights are restored; plain SAM (alpha = 1, no probe) never does.
+
+    Host syncs: none in a step without a probe; a probe syncs twice (the plane's geometry, then all its
+    losses at once), never per probe point.
+
+    Driving the pieces (what a trainer does, and what ``step(closure)`` does for you)::
+
+        loss = compute_loss(); loss.backward()        # g_0 at theta_0
+        for _ in range(opt.ascent_steps):
+            opt.ascent_step()                         # moves the weights; consumes .grad
+            opt.zero_grad(); compute_loss().backward()  # the gradient at the new point
+        info = opt.set_direction(probe_fn if opt.probe_due else None)  # .grad = d, weights = theta_0
+        opt.step()                                    # the base optimizer's step
+    """
+
+    def __init__(
+        self,
+        params: Iterable | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        rho_max: float | None = None,
+        alpha: float = 1.0,
+        alpha_max: float = 2.0,
+        alpha_step: float = 0.1,
+        ascent_steps: int = 1,
+        alpha_update_interval: int = 0,
+        eps: float = 1e-12,
+        foreach: bool | None = None,
+        **base_kwargs,
+    ):
+        if rho_max is None:
+            rho_max = 2 * rho
+        _validate(rho=rho, rho_max=rho_max, alpha=alpha, alpha_max=alpha_max, alpha_step=alpha_step,
+                  ascent_steps=ascent_steps, alpha_update_interval=alpha_update_interval, eps=eps)
+        base = _build_base(params, base_optimizer, base_kwargs)
+        for group in base.param_groups:
+            clash = sorted(set(group) & set(_HYPERPARAMETERS + _COUNTERS))
+            if clash:
+                raise ValueError(
+                    f"param group sets {clash}: XSAM's hyperparameters are global (its norms span every group); "
+                    "pass them to XSAM(...) instead"
+                )
+        defaults = dict(rho=float(rho), rho_max=float(rho_max), alpha=float(alpha), alpha_max=float(alpha_max),
+                        alpha_step=float(alpha_step), ascent_steps=int(ascent_steps),
+                        alpha_update_interval=int(alpha_update_interval), eps=float(eps), xsam_step=0)
+        # Optimizer.__init__ adds our defaults to the base optimizer's own group dicts; then we share its
+        # groups and state, so schedulers, state_dict() and the base step all see one set.
+        super().__init__(base.param_groups, defaults)
+        self.base_optimizer = base
+        self.param_groups = base.param_groups
+        self.state = base.state
+        self.foreach = True if foreach is None else bool(foreach)
+        self._theta_0: dict[torch.Tensor, torch.Tensor] = {}  # the one persistent buffer, per parameter
+        self._active: list[torch.Tensor] = []  # parameters perturbed in the current step
+
+    # ------------------------------------------------------------------ hyperparameters and counters
+    def _get(self, key: str):
+        return self.param_groups[0][key]
+
+    def _set(self, key: str, value) -> None:
+        for group in self.param_groups:
+            group[key] = value
+
+    @property
+    def alpha(self) -> float:
+        return self._get("alpha")
+
+    @property
+    def ascent_steps(self) -> int:
+        return self._get("ascent_steps")
+
+    @property
+    def probe_due(self) -> bool:
+        """True when this optimizer step should re-choose alpha (steps 0, N, 2N, ... with N the interval)."""
+        interval = self._get("alpha_update_interval")
+        return interval > 0 and self._get("xsam_step") % interval == 0 and self._get("rho") > 0
+
+    def probe_grid(self) -> list[float]:
+        """The alphas a probe evaluates: 0, alpha_step, ..., up to alpha_max (included when on the grid)."""
+        step, top = self._get("alpha_step"), self._get("alpha_max")
+        return [round(i * step, 12) for i in range(int(math.floor(top / step + 1e-9)) + 1)]
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__ for the base's groups
+            return super().add_param_group(param_group)
+        self.base_optimizer.add_param_group(param_group)
+        for key in _HYPERPARAMETERS + _COUNTERS:
+            self.param_groups[-1][key] = self.param_groups[0][key]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load into the base optimizer (its state and our counters travel in its groups), then re-link."""
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:  # a plain base-optimizer state_dict has no XSAM keys: keep ours
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._active = []
+
+    # ------------------------------------------------------------------ the pieces a trainer drives
+    @torch.no_grad()
+    def ascent_step(self) -> None:
+        """One of the k ascent steps: theta += (rho/k) g/||g|| with g the gradients now in ``.grad``.
+
+        The first call of a step saves theta_0. The gradients are consumed (scaled in place); zero them before
+        the next backward. With rho = 0 this does nothing.
+        """
+        rho, k, eps = self._get("rho"), self._get("ascent_steps"), self._get("eps")
+        if rho == 0:
+            return
+        if not self._active:
+            self._active = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            if not self._active:
+                raise RuntimeError("XSAM.ascent_step() found no gradients: run backward() at theta_0 first")
+            self._save_theta_0()
+        params, grads = self._active, _grads(self._active)
+        scale = (rho / k) / (_global_norm(grads, self.foreach) + eps)
+        if self.foreach:
+            torch._foreach_mul_(grads, scale)
+            torch._foreach_add_(params, grads)
+        else:
+            for p, g in zip(params, grads):
+                g.mul_(scale)
+                p.add_(g)
+
+    @torch.no_grad()
+    def set_direction(self, probe_fn: Callable[[], torch.Tensor] | None = None) -> DirectionInfo:
+        """Turn g_k (in ``.grad``, weights at theta_k) into the XSAM direction d, restore theta_0 bitwise.
+
+        probe_fn: when given, alpha is re-chosen first: ``probe_fn()`` is called once per grid point with the
+            weights at theta_0 + rho_max v(alpha) and must return the loss on the step's batch (no backward,
+            the same dropout masks every call). Pass it only when ``probe_due`` (``step(closure)`` does).
+        """
+        if self._get("rho") == 0 or not self._active:
+            return DirectionInfo(psi=None, alpha=self.alpha)  # nothing moved: .grad already holds g_0
+        params = self._active
+        grads = _grads(params, fill_missing=True)
+        theta_0 = [self._theta_0[p] for p in params]
+        alpha = self.alpha
+        info = DirectionInfo(psi=None, alpha=alpha)
+        if alpha != 1.0 or probe_fn is not None:
+            # theta_k - theta_0: the only buffer besides theta_0, freed when this method returns
+            e = torch._foreach_sub(params, theta_0) if self.foreach else [p - t for p, t in zip(params, theta_0)]
+            n_e, n_g, cos_psi = _geometry(e, grads, self._get("eps"), self.foreach)
+            if probe_fn is not None:
+                info.probe_losses = self._probe(params, theta_0, e, grads, n_e, n_g, cos_psi, probe_fn)
+                alpha = info.alpha = self.alpha
+            a0, a1 = _slerp_coefficients(alpha, cos_psi, n_e, n_g, self._get("eps"))
+            # d = ||g_k|| v(alpha) = a1 g_k + a0 ||g_k||/||e|| e; the ||g_k|| of v1 cancels exactly
+            c0 = a0 * n_g / (n_e + self._get("eps"))
+            if self.foreach:
+                torch._foreach_mul_(grads, a1)
+                torch._foreach_mul_(e, c0)
+                torch._foreach_add_(grads, e)
+            else:
+                for g, ei in zip(grads, e):
+                    g.mul_(a1)
+                    ei.mul_(c0)
+                    g.add_(ei)
+            info.psi = torch.acos(cos_psi)
+        # alpha = 1 without a probe is SAM: d = g_k, already in .grad
+        self._restore_theta_0()
+        return info
+
+    @torch.no_grad()
+    def step(self, closure: Callable[..., torch.Tensor] | None = None, *, model: torch.nn.Module | None = None):
+        """Without a closure: the base optimizer's step with the gradients now in ``.grad`` (after the pieces,
+        that is the XSAM direction). With a closure: one whole XSAM step, returning the loss at theta_0.
+
+        Closure contract: ``closure()`` computes the loss on one fixed batch, calls ``loss.backward()`` and
+        returns the loss; ``closure(backward=False)`` returns the loss without calling backward (it runs
+        under ``torch.no_grad()``, for the probe, which pays no backward pass). XSAM zeroes the gradients
+        before every call and replays the random number generators so that every pass sees the dropout
+        masks of the first; afterwards the generators are where a single pass would have left them.
+
+        model: pass the model when it has BatchNorm layers, so that only the theta_0 pass updates their
+            running statistics.
+        """
+        if closure is None:
+            return self._base_step()
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        rng_start = RNGState.capture(devices)
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+        rng_after = RNGState.capture(devices)
+
+        def replay(backward: bool):
+            rng_start.restore()
+            with frozen_running_stats(model):
+                if backward:
+                    self.zero_grad(set_to_none=True)
+                    with torch.enable_grad():
+                        return closure()
+                return closure(backward=False)
+
+        if self._get("rho") > 0:
+            for _ in range(self.ascent_steps):
+                self.ascent_step()
+                replay(backward=True)
+            self.set_direction((lambda: replay(backward=False)) if self.probe_due else None)
+            rng_after.restore()
+        self._base_step()
+        return loss
+
+    def _base_step(self):
+        self._active = []
+        result = self.base_optimizer.step()
+        self._set("xsam_step", self._get("xsam_step") + 1)
+        return result
+
+    # ------------------------------------------------------------------ internals
+    def _save_theta_0(self) -> None:
+        for p in self._active:
+            if p not in self._theta_0 or self._theta_0[p].shape != p.shape or self._theta_0[p].dtype != p.dtype:
+                self._theta_0[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        theta_0 = [self._theta_0[p] for p in self._active]
+        if self.foreach:
+            torch._foreach_copy_(theta_0, self._active)
+        else:
+            for t, p in zip(theta_0, self._active):
+                t.copy_(p)
+
+    def _restore_theta_0(self) -> None:
+        theta_0 = [self._theta_0[p] for p in self._active]
+        if self.foreach:
+            torch._foreach_copy_(self._active, theta_0)
+        else:
+            for p, t in zip(self._active, theta_0):
+                p.copy_(t)
+
+    def _probe(self, params, theta_0, e, grads, n_e, n_g, cos_psi, probe_fn) -> list[float] | None:
+        """Evaluate probe_fn at theta_0 + rho_max v(alpha) over the grid; set alpha to the argmax."""
+        rho_max, eps = self._get("rho_max"), self._get("eps")
+        # Host sync 1 of 2: the plane's geometry, so each point is set with plain scalar axpys (no temporaries).
+        geometry = torch.stack([n_e, n_g, cos_psi]).double().cpu()
+        n_e_h, n_g_h, cos_h = geometry.unbind()
+        if _degenerate(cos_h, n_e_h, n_g_h, eps):
+            return None  # v0 and v1 span no plane: every v(alpha) is v1, nothing to choose
+        grid = self.probe_grid()
+        losses = []
+        for alpha in grid:
+            a0, a1 = _slerp_coefficients(alpha, cos_h, n_e_h, n_g_h, eps)
+            c0 = (rho_max * a0 / (n_e_h + eps)).item()
+            c1 = (rho_max * a1 / (n_g_h + eps)).item()
+            if self.foreach:
+                torch._foreach_copy_(params, theta_0)
+                torch._foreach_add_(params, e, alpha=c0)
+                torch._foreach_add_(params, grads, alpha=c1)
+            else:
+                for p, t, ei, g in zip(params, theta_0, e, grads):
+                    p.copy_(t)
+                    p.add_(ei, alpha=c0)
+                    p.add_(g, alpha=c1)
+            losses.append(probe_fn().detach().float().reshape(()))
+        # the weights are left at the last probe point: set_direction restores theta_0 next
+        values = torch.stack(losses).tolist()  # host sync 2 of 2: all probe losses at once
+        best = _argmax_first(values)
+        if best is not None:
+            self._set("alpha", float(grid[best]))
+        return values
+
+
+# ---------------------------------------------------------------------- helpers (pure functions)
+def _validate(**values) -> None:
+    def check(name, ok, allowed):
+        if not ok:
+            raise ValueError(f"{name}={values[name]!r} is invalid: {allowed}")
+
+    def finite(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    check("rho", finite(values["rho"]) and values["rho"] >= 0, "must be a finite number >= 0")
+    check("rho_max", finite(values["rho_max"]) and values["rho_max"] >= 0, "must be a finite number >= 0")
+    check("alpha", finite(values["alpha"]), "must be a finite number")
+    check("alpha_max", finite(values["alpha_max"]) and values["alpha_max"] >= 0, "must be a finite number >= 0")
+    check("alpha_step", finite(values["alpha_step"]) and values["alpha_step"] > 0, "must be a finite number > 0")
+    for name in ("ascent_steps", "alpha_update_interval"):
+        value, low = values[name], 1 if name == "ascent_steps" else 0
+        check(name, isinstance(value, int) and not isinstance(value, bool) and value >= low,
+              f"must be an integer >= {low}")
+    check("eps", finite(values["eps"]) and values["eps"] > 0, "must be a finite number > 0")
+
+
+def _build_base(params, base_optimizer, base_kwargs) -> Optimizer:
+    if isinstance(base_optimizer, Optimizer):
+        if params is not None or base_kwargs:
+            raise ValueError(
+                "base_optimizer is an optimizer instance: pass params=None and no optimizer kwargs "
+                "(the instance already has its parameters and settings)"
+            )
+        if isinstance(base_optimizer, XSAM):
+            raise ValueError("base_optimizer=XSAM(...) is invalid: XSAM cannot wrap itself")
+        return base_optimizer
+    if isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+        if base_optimizer is XSAM:
+            raise ValueError("base_optimizer=XSAM is invalid: XSAM cannot wrap itself")
+        if params is None:
+            raise ValueError("params=None is invalid when base_optimizer is a class: pass the parameters")
+        return base_optimizer(params, **base_kwargs)
+    raise ValueError(
+        f"base_optimizer={base_optimizer!r} is invalid: must be a torch.optim.Optimizer subclass "
+        "(e.g. torch.optim.AdamW) or an instance of one"
+    )
+
+
+def _grads(params, fill_missing: bool = False) -> list[torch.Tensor]:
+    if fill_missing:
+        # a parameter used at theta_0 but not at theta_k (e.g. routed away) has a zero gradient there
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
+
+
+def _accumulation_dtype(tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _global_norm(tensors, foreach: bool) -> torch.Tensor:
+    """L2 norm over all tensors, accumulated in float32 (float64 for float64 tensors)."""
+    dtype = _accumulation_dtype(tensors)
+    if foreach:
+        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+    else:
+        norms = [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms), 2)
+
+
+def _dot(a, b) -> torch.Tensor:
+    # No foreach kernel reduces a product; one small kernel per tensor, no host sync.
+    dtype = _accumulation_dtype(a)
+    return torch.stack([torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(a, b)]).sum()
+
+
+def _geometry(e, grads, eps: float, foreach: bool):
+    """||e||, ||g_k|| and cos(psi) = <v0, v1>, clamped to [-1, 1] so that arccos never returns NaN."""
+    n_e, n_g = _global_norm(e, foreach), _global_norm(grads, foreach)
+    cos_psi = (_dot(e, grads) / ((n_e + eps) * (n_g + eps))).clamp(-1.0, 1.0)
+    return n_e, n_g, cos_psi
+
+
+def _degenerate(cos_psi, n_e, n_g, eps) -> torch.Tensor:
+    sin_psi = torch.sin(torch.acos(cos_psi))
+    return (sin_psi < SIN_PSI_MIN) | (n_e <= eps) | (n_g <= eps)
+
+
+def _slerp_coefficients(alpha: float, cos_psi, n_e, n_g, eps: float):
+    """(a0, a1) with v(alpha) = a0 v0 + a1 v1 on the great circle; v1 alone when the plane is degenerate."""
+    psi = torch.acos(cos_psi)
+    sin_psi = torch.sin(psi)
+    degenerate = _degenerate(cos_psi, n_e, n_g, eps)
+    safe_sin = torch.where(degenerate, torch.ones_like(sin_psi), sin_psi)
+    a0 = torch.where(degenerate, torch.zeros_like(psi), torch.sin((1 - alpha) * psi) / safe_sin)
+    a1 = torch.where(degenerate, torch.ones_like(psi), torch.sin(alpha * psi) / safe_sin)
+    return a0, a1
+
+
+def _argmax_first(values: list[float]) -> int | None:
+    """Index of the largest finite value (the first on ties); None when no value is finite."""
+    best = None
+    for i, v in enumerate(values):
+        if math.isfinite(v) and (best is None or v > values[best]):
+            best = i
+    return best
