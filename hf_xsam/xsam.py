@@ -19,10 +19,12 @@ from hf_xsam.replay import RNGState, frozen_running_stats
 # the slerp coefficients blow up (1/sin(psi)). The direction then falls back to v1, i.e. SAM's gradient.
 SIN_PSI_MIN = 1e-4
 
-# Keys XSAM adds to every param group. They are global to the optimizer (the norms are global),
-# live in the groups so that state_dict() carries them, and are kept equal across groups.
+# Names XSAM adds to every param group, as "xsam_<name>" (the prefix keeps them apart from the base optimizer's
+# own keys: AdamW has an "eps" too). They are global to the optimizer (the norms span every group), live in the
+# groups so that state_dict() carries them, and are kept equal across groups.
 _HYPERPARAMETERS = ("rho", "rho_max", "alpha_max", "alpha_step", "ascent_steps", "alpha_update_interval", "eps")
-_COUNTERS = ("alpha", "xsam_step")
+_COUNTERS = ("alpha", "step")
+_KEYS = tuple(f"xsam_{name}" for name in _HYPERPARAMETERS + _COUNTERS)
 
 
 @dataclass
@@ -120,15 +122,16 @@ class XSAM(Optimizer):
                   ascent_steps=ascent_steps, alpha_update_interval=alpha_update_interval, eps=eps)
         base = _build_base(params, base_optimizer, base_kwargs)
         for group in base.param_groups:
-            clash = sorted(set(group) & set(_HYPERPARAMETERS + _COUNTERS))
+            clash = sorted(set(group) & set(_KEYS))
             if clash:
                 raise ValueError(
                     f"param group sets {clash}: XSAM's hyperparameters are global (its norms span every group); "
                     "pass them to XSAM(...) instead"
                 )
-        defaults = dict(rho=float(rho), rho_max=float(rho_max), alpha=float(alpha), alpha_max=float(alpha_max),
-                        alpha_step=float(alpha_step), ascent_steps=int(ascent_steps),
-                        alpha_update_interval=int(alpha_update_interval), eps=float(eps), xsam_step=0)
+        defaults = dict(xsam_rho=float(rho), xsam_rho_max=float(rho_max), xsam_alpha=float(alpha),
+                        xsam_alpha_max=float(alpha_max), xsam_alpha_step=float(alpha_step),
+                        xsam_ascent_steps=int(ascent_steps), xsam_alpha_update_interval=int(alpha_update_interval),
+                        xsam_eps=float(eps), xsam_step=0)
         # Optimizer.__init__ adds our defaults to the base optimizer's own group dicts; then we share its
         # groups and state, so schedulers, state_dict() and the base step all see one set.
         super().__init__(base.param_groups, defaults)
@@ -140,16 +143,25 @@ class XSAM(Optimizer):
         self._active: list[torch.Tensor] = []  # parameters perturbed in the current step
 
     # ------------------------------------------------------------------ hyperparameters and counters
-    def _get(self, key: str):
-        return self.param_groups[0][key]
+    def _get(self, name: str):
+        return self.param_groups[0][f"xsam_{name}"]
 
-    def _set(self, key: str, value) -> None:
+    def _set(self, name: str, value) -> None:
         for group in self.param_groups:
-            group[key] = value
+            group[f"xsam_{name}"] = value
 
     @property
     def alpha(self) -> float:
         return self._get("alpha")
+
+    @property
+    def rho(self) -> float:
+        return self._get("rho")
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken (saved in state_dict(); drives the probe schedule)."""
+        return self._get("step")
 
     @property
     def ascent_steps(self) -> int:
@@ -159,7 +171,7 @@ class XSAM(Optimizer):
     def probe_due(self) -> bool:
         """True when this optimizer step should re-choose alpha (steps 0, N, 2N, ... with N the interval)."""
         interval = self._get("alpha_update_interval")
-        return interval > 0 and self._get("xsam_step") % interval == 0 and self._get("rho") > 0
+        return interval > 0 and self._get("step") % interval == 0 and self._get("rho") > 0
 
     def probe_grid(self) -> list[float]:
         """The alphas a probe evaluates: 0, alpha_step, ..., up to alpha_max (included when on the grid)."""
@@ -170,7 +182,7 @@ class XSAM(Optimizer):
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__ for the base's groups
             return super().add_param_group(param_group)
         self.base_optimizer.add_param_group(param_group)
-        for key in _HYPERPARAMETERS + _COUNTERS:
+        for key in _KEYS:
             self.param_groups[-1][key] = self.param_groups[0][key]
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -292,7 +304,7 @@ class XSAM(Optimizer):
     def _base_step(self):
         self._active = []
         result = self.base_optimizer.step()
-        self._set("xsam_step", self._get("xsam_step") + 1)
+        self._set("step", self._get("step") + 1)
         return result
 
     # ------------------------------------------------------------------ internals

@@ -1,0 +1,236 @@
+"""`XSAMTrainer`: a `transformers.Trainer` whose training step runs XSAM's sharpness-aware passes."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from hf_xsam.replay import RNGState, frozen_running_stats
+from hf_xsam.training_args import XSAMTrainingArguments
+from hf_xsam.xsam import XSAM
+
+
+class XSAMTrainer(Trainer):
+    """`Trainer` with XSAM (Chen & Zhou, ICLR 2026) when ``args.optim`` is ``"xsam"`` or ``"sam"``.
+
+    Example::
+
+        args = XSAMTrainingArguments(output_dir="out", optim="xsam", xsam_rho=0.05)
+        trainer = XSAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+        trainer.train()
+
+    Per micro-batch, `training_step` runs: the theta_0 forward/backward (its loss is the one reported), the
+    ascent step(s) each followed by a forward/backward, the alpha probe when due (forward passes only, on the
+    first micro-batch of a due optimizer step), then leaves the XSAM direction in ``.grad`` added to what
+    earlier micro-batches accumulated, with the weights back at theta_0. Every pass of a micro-batch sees the
+    same dropout masks; only the theta_0 pass updates BatchNorm running statistics. Clipping, the scheduler,
+    checkpoints and logging are the Trainer's own and act on the final direction.
+
+    Loss scaling is explicit: each pass uses the micro-batch's mean loss (``num_items_in_batch`` is not
+    forwarded, so models that ignore it, e.g. BERT classification, and ``average_tokens_across_devices`` cannot
+    change the scale) divided by the number of micro-batches in the step. With SGD the update is the mean of
+    the micro-batches' XSAM directions.
+
+    Logged (with the training loss): ``xsam/alpha``, ``xsam/psi`` (mean angle between v0 and v1, radians),
+    ``xsam/ascent_loss`` (mean loss at the ascent point), ``xsam/probe_loss_max`` (largest loss of the latest
+    probe since the last log). Each probe also appends ``{"step", "xsam/probe_alphas", "xsam/probe_losses",
+    "xsam/alpha"}`` to ``state.log_history`` (saved in ``trainer_state.json``).
+
+    With any other ``args.optim`` this class is exactly `Trainer`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._xsam_logs: dict[str, list] = {"psi": [], "ascent_loss": [], "probe_loss_max": []}
+        self._xsam_probed_at: int | None = None
+        if self._xsam_enabled:
+            self._check_xsam_compatible()
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def _xsam_enabled(self) -> bool:
+        return isinstance(self.args, XSAMTrainingArguments) and self.args.xsam_enabled
+
+    def _check_xsam_compatible(self) -> None:
+        optim = self.args.optim
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                f"optim={optim!r} cannot run under DeepSpeed: its engine steps the optimizer inside backward, so "
+                "XSAM cannot restore the weights between passes. Use DDP or FSDP (accelerate launch) instead."
+            )
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"optim={optim!r} does not support torch.nn.DataParallel (n_gpu={self.args.n_gpu} in one process): "
+                "launch one process per GPU with `accelerate launch` or `torchrun` instead."
+            )
+        if self.compute_loss_func is None and type(self).compute_loss is Trainer.compute_loss:
+            model = self.accelerator.unwrap_model(self.model)
+            parameters = inspect.signature(model.forward).parameters
+            takes_labels = any(name in parameters for name in self.label_names or ["labels"]) or any(
+                p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+            )
+            if not takes_labels:
+                raise ValueError(
+                    f"optim={optim!r} needs a loss, but {type(model).__name__}.forward takes no "
+                    f"{self.label_names or ['labels']} and no compute_loss/compute_loss_func was given. Use a model "
+                    "with a task head (e.g. AutoModelForSequenceClassification) or pass compute_loss_func."
+                )
+
+    def create_optimizer(self, model=None):
+        if not self._xsam_enabled:
+            return super().create_optimizer(model)
+        if self.optimizer is None:
+            requested = self.args.optim
+            self.args.optim = self.args.xsam_base_optim  # build the base exactly as Trainer would
+            try:
+                super().create_optimizer(model)
+            finally:
+                self.args.optim = requested
+        if not isinstance(self.optimizer, XSAM):
+            self.optimizer = XSAM(None, self.optimizer, **self.args.xsam_kwargs())
+        return self.optimizer
+
+    @property
+    def xsam(self) -> XSAM:
+        """The XSAM optimizer under Accelerate's wrapper."""
+        opt = self.optimizer
+        while not isinstance(opt, XSAM):
+            if not hasattr(opt, "optimizer"):
+                raise RuntimeError("XSAMTrainer.xsam: the optimizer is not an XSAM (is args.optim 'xsam' or 'sam'?)")
+            opt = opt.optimizer
+        return opt
+
+    # ------------------------------------------------------------------ the training step
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        if not self._xsam_enabled:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        xsam = self.xsam
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        params = [p for group in xsam.param_groups for p in group["params"]]
+        # Earlier micro-batches' directions wait aside (moved, not copied) while this one computes its own.
+        accumulated = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+
+        rng_start = RNGState.capture({p.device for p in params})
+        loss = self._xsam_pass(model, inputs, scale)
+        rng_after = RNGState.capture({p.device for p in params})
+        if xsam.rho > 0:
+            ascent_loss = None
+            for _ in range(xsam.ascent_steps):
+                xsam.ascent_step()
+                for p in params:
+                    p.grad = None
+                rng_start.restore()
+                with frozen_running_stats(model):
+                    ascent_loss = self._xsam_pass(model, inputs, scale)
+            probe_fn = None
+            step = xsam.step_count
+            if xsam.probe_due and self._xsam_probed_at != step:
+                self._xsam_probed_at = step
+
+                def probe_fn():
+                    rng_start.restore()
+                    with frozen_running_stats(model), self.compute_loss_context_manager():
+                        return self._loss(model, inputs)
+
+            info = xsam.set_direction(probe_fn)
+            rng_after.restore()
+            self._record(info, ascent_loss)
+
+        for p, previous in zip(params, accumulated):
+            if previous is not None:
+                if p.grad is not None:
+                    previous.add_(p.grad)
+                p.grad = previous
+        return loss.detach() * scale
+
+    def _loss(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """The micro-batch's mean loss (num_items_in_batch deliberately not forwarded; see the class docstring)."""
+        loss = self.compute_loss(model, dict(inputs), num_items_in_batch=None)
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+            raise ValueError(
+                f"XSAM needs a scalar loss, but compute_loss returned {type(loss).__name__}"
+                f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}: does the model get labels?"
+            )
+        return loss.reshape(())
+
+    def _xsam_pass(self, model: nn.Module, inputs: dict, scale: float) -> torch.Tensor:
+        with self.compute_loss_context_manager():
+            loss = self._loss(model, inputs)
+        self.accelerator.backward(loss * scale)
+        return loss.detach()
+
+    # ------------------------------------------------------------------ logging and model card
+    def _record(self, info, ascent_loss) -> None:
+        if info.psi is not None:
+            self._xsam_logs["psi"].append(info.psi.detach())
+        if ascent_loss is not None:
+            self._xsam_logs["ascent_loss"].append(ascent_loss)
+        if info.probe_losses is not None:
+            finite = [v for v in info.probe_losses if math.isfinite(v)]
+            self._xsam_logs["probe_loss_max"] = [max(finite)] if finite else []
+            self.state.log_history.append({
+                "step": self.state.global_step,
+                "xsam/probe_alphas": self.xsam.probe_grid(),
+                "xsam/probe_losses": info.probe_losses,
+                "xsam/alpha": info.alpha,
+            })
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._xsam_enabled and "loss" in logs and self.optimizer is not None:
+            logs["xsam/alpha"] = self.xsam.alpha
+            for key in ("psi", "ascent_loss"):
+                values = self._xsam_logs[key]
+                if values:  # one host sync per logging step
+                    logs[f"xsam/{key}"] = round(torch.stack(values).float().mean().item(), 6)
+                self._xsam_logs[key] = []
+            if self._xsam_logs["probe_loss_max"]:
+                logs["xsam/probe_loss_max"] = round(self._xsam_logs["probe_loss_max"][0], 6)
+                self._xsam_logs["probe_loss_max"] = []
+        super().log(logs, start_time)
+
+    def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
+        if self._xsam_enabled:
+            tags = [tags] if isinstance(tags, str) else list(tags or [])
+            for tag in ("xsam", self.args.optim):
+                if tag not in tags:
+                    tags.append(tag)
+        super().create_model_card(*args, tags=tags, **kwargs)
+        if self._xsam_enabled and self.is_world_process_zero():
+            self._append_xsam_card_section()
+
+    def _append_xsam_card_section(self) -> None:
+        path = os.path.join(self.args.output_dir, "README.md")
+        kwargs = self.args.xsam_kwargs()
+        method = "SAM (alpha fixed at 1)" if self.args.optim == "sam" else "XSAM"
+        rows = [("method", method), ("base optimizer", self.args.xsam_base_optim)]
+        rows += [(k, v if v is not None else f"{2 * kwargs['rho']} (2 * rho)") for k, v in kwargs.items()]
+        if self.optimizer is not None:
+            rows.append(("final alpha", self.xsam.alpha))
+        lines = [
+            "",
+            "## Sharpness-aware training",
+            "",
+            "Trained with hf_xsam: XSAM, eXplicit Sharpness-Aware "
+            "Minimization (Chen & Zhou, ICLR 2026).",
+            "",
+            "| hyperparameter | value |",
+            "| --- | --- |",
+            *[f"| {k} | {v} |" for k, v in rows],
+            "",
+        ]
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines))
