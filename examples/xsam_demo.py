@@ -33,7 +33,7 @@ def run(name: str, epochs: int, seed: int, x_train, y_train, x_test, y_test) -> 
         for idx in torch.randperm(len(x_train)).split(64):
             xb, yb = x_train[idx], y_train[idx]
 
-            def closure(backward=True):
+            def closure(backward=True, xb=xb, yb=yb):
                 loss = nn.functional.cross_entropy(model(xb), yb)
                 if backward:
                     loss.backward()

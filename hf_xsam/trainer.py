@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 
@@ -68,18 +67,15 @@ class XSAMTrainer(Trainer):
                 f"optim={optim!r} does not support torch.nn.DataParallel (n_gpu={self.args.n_gpu} in one process): "
                 "launch one process per GPU with `accelerate launch` or `torchrun` instead."
             )
-        if self.compute_loss_func is None and type(self).compute_loss is Trainer.compute_loss:
-            model = self.accelerator.unwrap_model(self.model)
-            parameters = inspect.signature(model.forward).parameters
-            takes_labels = any(name in parameters for name in self.label_names or ["labels"]) or any(
-                p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+        custom_loss = self.compute_loss_func is not None or type(self).compute_loss is not Trainer.compute_loss
+        # Trainer reads the label names off the model's forward signature (args.label_names overrides them).
+        if not (custom_loss or self.label_names or self.can_return_loss):
+            name = type(self.accelerator.unwrap_model(self.model)).__name__
+            raise ValueError(
+                f"optim={optim!r} needs a loss, but {name}.forward takes no labels and no compute_loss or "
+                "compute_loss_func was given. Use a model with a task head (e.g. AutoModelForSequenceClassification), "
+                "set --label_names, or pass compute_loss_func."
             )
-            if not takes_labels:
-                raise ValueError(
-                    f"optim={optim!r} needs a loss, but {type(model).__name__}.forward takes no "
-                    f"{self.label_names or ['labels']} and no compute_loss/compute_loss_func was given. Use a model "
-                    "with a task head (e.g. AutoModelForSequenceClassification) or pass compute_loss_func."
-                )
 
     def create_optimizer(self, model=None):
         if not self._xsam_enabled:

@@ -1,0 +1,294 @@
+"""XSAMTrainer: equivalences with Trainer and hand-written SAM, accumulation, resume, dropout, BatchNorm, logging."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _tiny import (
+    assert_params_equal,
+    image_data,
+    make_args,
+    max_change,
+    params_of,
+    text_data,
+    tiny_bert,
+    tiny_resnet,
+    tiny_vit,
+    train,
+)
+from torch import nn
+from transformers import Trainer
+
+from hf_xsam import XSAM, XSAMTrainer
+
+
+class SequentialXSAMTrainer(XSAMTrainer):
+    """Visits the data in order, so a hand-written loop can see the same micro-batches."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+
+@pytest.mark.parametrize("kind", ["bert", "vit", "resnet"])
+def test_xsam_changes_parameters_of_tiny_models(tmp_path, kind):
+    model, data = {"bert": (tiny_bert(), text_data()), "vit": (tiny_vit(), image_data()),
+                   "resnet": (tiny_resnet(), image_data())}[kind]
+    before = params_of(model)
+    trainer = train(model, tmp_path, data, optim="xsam", xsam_alpha_update_steps=2, max_steps=3)
+    assert max_change(before, model) > 1e-5
+    assert trainer.xsam.step_count == 3
+    assert all(math.isfinite(p.sum().item()) for p in model.parameters())
+
+
+def test_rho_zero_equals_trainer_with_the_base_optimizer(tmp_path):
+    reference = tiny_bert()
+    train(reference, tmp_path / "ref", trainer_cls=Trainer, optim="adamw_torch", max_steps=4)
+    model = tiny_bert()
+    train(model, tmp_path / "xsam", optim="xsam", xsam_rho=0.0, max_steps=4)
+    assert_params_equal(params_of(reference), params_of(model))
+
+
+def test_rho_zero_with_accumulation_equals_correctly_scaled_trainer(tmp_path):
+    class ScaledTrainer(Trainer):
+        loss_is_scaled_for_ga = False  # BERT ignores num_items_in_batch: make Trainer divide by the steps
+
+    reference = tiny_bert()
+    train(reference, tmp_path / "ref", trainer_cls=ScaledTrainer, optim="sgd", learning_rate=0.5,
+          gradient_accumulation_steps=2, max_steps=3)
+    model = tiny_bert()
+    train(model, tmp_path / "xsam", optim="sam", xsam_rho=0.0, xsam_base_optim="sgd", learning_rate=0.5,
+          gradient_accumulation_steps=2, max_steps=3)
+    assert_params_equal(params_of(reference), params_of(model))
+
+
+def test_builtin_optim_is_exactly_trainer(tmp_path):
+    reference = tiny_bert()
+    train(reference, tmp_path / "ref", trainer_cls=Trainer, optim="adamw_torch", gradient_accumulation_steps=2)
+    model = tiny_bert()
+    trainer = train(model, tmp_path / "ours", optim="adamw_torch", gradient_accumulation_steps=2)
+    assert_params_equal(params_of(reference), params_of(model))
+    assert not isinstance(trainer.optimizer.optimizer, XSAM)
+
+
+def _hand_written_sam(model, data, rho, lr, accumulation, steps, max_grad_norm):
+    """SAM with SGD, written out: per micro-batch ascend along g0/||g0||, take g there, average, clip, step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = [data[i:i + 4] for i in range(0, len(data), 4)]
+    model.train()
+    for step in range(steps):
+        direction = [torch.zeros_like(p) for p in params]
+        for batch in batches[step * accumulation:(step + 1) * accumulation]:
+            inputs = {"input_ids": torch.stack([b["input_ids"] for b in batch]),
+                      "labels": torch.tensor([b["labels"] for b in batch])}
+            g0 = torch.autograd.grad(model(**inputs).loss, params)
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g0]))
+            with torch.no_grad():
+                e = [rho * g / (norm + 1e-12) for g in g0]
+                for p, ei in zip(params, e):
+                    p.add_(ei)
+            g1 = torch.autograd.grad(model(**inputs).loss, params)
+            with torch.no_grad():
+                for p, ei in zip(params, e):
+                    p.sub_(ei)
+                for d, g in zip(direction, g1):
+                    d.add_(g / accumulation)
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction]))
+        clip = min(1.0, max_grad_norm / (total.item() + 1e-6))
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(lr * clip * d)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_sam_with_sgd_equals_hand_written_sam(tmp_path, accumulation):
+    data = text_data(n=24)
+    reference = tiny_bert(dropout=0.0)
+    _hand_written_sam(reference, data, rho=0.2, lr=0.5, accumulation=accumulation, steps=3, max_grad_norm=0.3)
+    model = tiny_bert(dropout=0.0)
+    trainer = SequentialXSAMTrainer(
+        model=model, train_dataset=data,
+        args=make_args(tmp_path, optim="sam", xsam_rho=0.2, xsam_base_optim="sgd", learning_rate=0.5,
+                       lr_scheduler_type="constant", gradient_accumulation_steps=accumulation, max_steps=3,
+                       max_grad_norm=0.3, weight_decay=0.0),
+    )
+    trainer.train()
+    expected, actual = params_of(reference), params_of(model)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert max_change(params_of(tiny_bert(dropout=0.0)), model) > 1e-3
+
+
+def test_accumulation_gives_the_mean_of_micro_batch_directions_not_the_sum(tmp_path):
+    # One step, two micro-batches, SGD lr 1: the update is exactly -(d1 + d2) / 2.
+    data = text_data(n=8)
+    model = tiny_bert(dropout=0.0)
+    before = params_of(model)
+    SequentialXSAMTrainer(
+        model=model, train_dataset=data,
+        args=make_args(tmp_path, optim="sam", xsam_rho=0.1, xsam_base_optim="sgd", learning_rate=1.0,
+                       lr_scheduler_type="constant", gradient_accumulation_steps=2, max_steps=1,
+                       max_grad_norm=0.0, weight_decay=0.0),
+    ).train()
+    single = []
+    for half in (data[:4], data[4:]):
+        probe = tiny_bert(dropout=0.0)
+        _hand_written_sam(probe, half, rho=0.1, lr=1.0, accumulation=1, steps=1, max_grad_norm=1e9)
+        single.append({n: before[n] - p.detach() for n, p in probe.named_parameters()})  # = d_i
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), (single[0][name] + single[1][name]) / 2,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_resume_equals_uninterrupted_run_bitwise(tmp_path):
+    settings = dict(optim="xsam", xsam_rho=0.2, xsam_alpha_update_steps=2, gradient_accumulation_steps=2,
+                    max_steps=6, save_strategy="steps", save_steps=3, logging_steps=1)
+    full = tiny_bert(dropout=0.1)
+    full_trainer = train(full, tmp_path / "full", **settings)
+    resumed = tiny_bert(seed=123, dropout=0.1)  # weights come from the checkpoint
+    trainer = XSAMTrainer(model=resumed, args=make_args(tmp_path / "full", **settings), train_dataset=text_data())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert_params_equal(params_of(full), params_of(resumed))
+    assert trainer.xsam.alpha == full_trainer.xsam.alpha
+    assert trainer.xsam.step_count == full_trainer.xsam.step_count == 6
+
+    def probes(t):
+        return [(h["step"], h["xsam/probe_losses"]) for h in t.state.log_history if "xsam/probe_losses" in h]
+
+    assert [s for s, _ in probes(full_trainer)] == [0, 2, 4]
+    assert probes(trainer)[-1] == probes(full_trainer)[-1]
+
+
+class NoisyClassifier(nn.Module):
+    """Records the dropout mask of every forward, to check which passes share randomness."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 16)
+        self.head = nn.Linear(16, 3)
+        self.dropout = nn.Dropout(0.5)
+        self.masks: list[torch.Tensor] = []
+
+    def forward(self, input_ids, labels=None):
+        hidden = self.dropout(self.embed(input_ids).mean(1))
+        self.masks.append((hidden != 0).detach().clone())
+        logits = self.head(hidden)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_every_pass_of_a_micro_batch_sees_the_same_dropout_masks(tmp_path):
+    model = NoisyClassifier()
+    train(model, tmp_path, optim="xsam", xsam_alpha_update_steps=2, xsam_ascent_steps=2,
+          gradient_accumulation_steps=2, max_steps=2)
+    # step 0 probes on its first micro-batch: 1 + 2 ascent + 21 probe passes; then 3 passes per micro-batch
+    sizes = [24, 3, 3, 3]
+    assert len(model.masks) == sum(sizes)
+    start, firsts = 0, []
+    for size in sizes:
+        group = model.masks[start:start + size]
+        assert all(torch.equal(group[0], m) for m in group)
+        firsts.append(group[0])
+        start += size
+    assert not torch.equal(firsts[0], firsts[1])  # different micro-batches draw different masks
+
+
+def test_batchnorm_statistics_update_once_per_micro_batch(tmp_path):
+    model = tiny_resnet()
+    train(model, tmp_path, image_data(), optim="xsam", xsam_alpha_update_steps=1, gradient_accumulation_steps=2,
+          max_steps=3)
+    counts = {m.num_batches_tracked.item() for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert counts == {6}
+
+
+def test_logs_xsam_metrics_and_probe_losses(tmp_path):
+    trainer = train(tiny_bert(), tmp_path, optim="xsam", xsam_rho=0.2, xsam_alpha_update_steps=2, max_steps=4,
+                    logging_steps=2)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for entry in logs:
+        assert 0.0 <= entry["xsam/psi"] <= math.pi
+        assert entry["xsam/ascent_loss"] > 0
+        assert entry["xsam/probe_loss_max"] > 0
+        assert entry["xsam/alpha"] in [round(0.1 * i, 12) for i in range(21)]
+    probes = [h for h in trainer.state.log_history if "xsam/probe_losses" in h]
+    assert [p["step"] for p in probes] == [0, 2]
+    for probe in probes:
+        losses = probe["xsam/probe_losses"]
+        assert len(losses) == len(probe["xsam/probe_alphas"]) == 21
+        assert probe["xsam/alpha"] == probe["xsam/probe_alphas"][losses.index(max(losses))]
+    assert probes[-1]["xsam/alpha"] == trainer.xsam.alpha
+    assert logs[-1]["xsam/probe_loss_max"] == pytest.approx(max(probes[-1]["xsam/probe_losses"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("optim", ["xsam", "sam"])
+def test_model_card_tags_and_hyperparameters(tmp_path, optim):
+    trainer = train(tiny_bert(), tmp_path, optim=optim, max_steps=1, xsam_rho=0.07)
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "README.md").read_text()
+    header = card.split("---")[1]
+    assert "- xsam" in header
+    assert f"- {optim}" in header
+    assert "| rho | 0.07 |" in card
+    assert "| base optimizer | adamw_torch |" in card
+
+
+def test_evaluation_during_training(tmp_path):
+    trainer = XSAMTrainer(model=tiny_bert(), train_dataset=text_data(), eval_dataset=text_data(n=8, seed=3),
+                          args=make_args(tmp_path, optim="xsam", eval_strategy="steps", eval_steps=2, max_steps=4))
+    trainer.train()
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == 2 and all(math.isfinite(v) and v > 0 for v in evals)
+
+
+def test_gradient_checkpointing_gives_the_same_run(tmp_path):
+    plain, checkpointed = tiny_bert(), tiny_bert()
+    train(plain, tmp_path / "a", optim="xsam", xsam_rho=0.2, xsam_alpha_update_steps=2)
+    train(checkpointed, tmp_path / "b", optim="xsam", xsam_rho=0.2, xsam_alpha_update_steps=2,
+          gradient_checkpointing=True)
+    expected = params_of(plain)
+    for name, p in checkpointed.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    model = tiny_bert()
+    before = params_of(model)
+    trainer = train(model, tmp_path, optim="xsam", bf16=True, xsam_alpha_update_steps=2)
+    assert max_change(before, model) > 1e-5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_custom_compute_loss_and_label_smoothing(tmp_path):
+    class MeanCE(XSAMTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = nn.functional.cross_entropy(outputs.logits, labels)
+            return (loss, outputs) if return_outputs else loss
+
+    default, custom, smoothed = tiny_bert(), tiny_bert(), tiny_bert()
+    train(default, tmp_path / "a", optim="xsam")
+    train(custom, tmp_path / "b", optim="xsam", trainer_cls=MeanCE)
+    train(smoothed, tmp_path / "c", optim="xsam", label_smoothing_factor=0.1)
+    expected = params_of(default)
+    for name, p in custom.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-6, atol=1e-7)
+    assert max_change(expected, smoothed) > 1e-7
+
+
+def test_group_by_length_works(tmp_path):
+    model = tiny_bert()
+    before = params_of(model)
+    data = [dict(d, input_ids=d["input_ids"][: 4 + i % 6]) for i, d in enumerate(text_data())]
+
+    def collate(batch):
+        ids = nn.utils.rnn.pad_sequence([b["input_ids"] for b in batch], batch_first=True)
+        return {"input_ids": ids, "attention_mask": (ids != 0).long(),
+                "labels": torch.tensor([b["labels"] for b in batch])}
+
+    trainer = XSAMTrainer(model=model, train_dataset=data, data_collator=collate,
+                          args=make_args(tmp_path, optim="xsam", train_sampling_strategy="group_by_length"))
+    trainer.train()
+    assert max_change(before, model) > 1e-5

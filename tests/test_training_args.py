@@ -1,0 +1,107 @@
+"""XSAMTrainingArguments from a command line, their validation, and the settings XSAMTrainer refuses."""
+
+from __future__ import annotations
+
+import pytest
+from _tiny import make_args, text_data, tiny_bert
+from transformers import BertConfig, BertModel, HfArgumentParser
+
+from hf_xsam import XSAMTrainer, XSAMTrainingArguments
+
+FLAGS = ["xsam_rho", "xsam_rho_max", "xsam_alpha", "xsam_alpha_max", "xsam_alpha_step", "xsam_ascent_steps",
+         "xsam_alpha_update_steps", "xsam_base_optim"]
+
+
+def parse(*argv: str) -> XSAMTrainingArguments:
+    (args,) = HfArgumentParser(XSAMTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", "unused", "--use_cpu", "--report_to", "none", *argv]
+    )
+    return args
+
+
+def test_flags_parsed_from_a_command_line():
+    args = parse("--optim", "xsam", "--xsam_rho", "0.1", "--xsam_rho_max", "0.3", "--xsam_alpha", "0.5",
+                 "--xsam_alpha_max", "1.5", "--xsam_alpha_step", "0.25", "--xsam_ascent_steps", "3",
+                 "--xsam_alpha_update_steps", "7", "--xsam_base_optim", "sgd", "--optim_args", "momentum=0.9")
+    assert args.optim == "xsam"
+    assert args.xsam_kwargs() == dict(rho=0.1, rho_max=0.3, alpha=0.5, alpha_max=1.5, alpha_step=0.25,
+                                      ascent_steps=3, alpha_update_interval=7)
+    assert args.xsam_base_optim == "sgd"
+
+
+def test_sam_fixes_alpha_and_never_probes():
+    args = parse("--optim", "sam", "--xsam_alpha_update_steps", "5")
+    assert args.optim == "sam"
+    assert args.xsam_kwargs()["alpha"] == 1.0
+    assert args.xsam_kwargs()["alpha_update_interval"] == 0
+
+
+def test_builtin_optim_names_still_parse():
+    assert parse("--optim", "sgd").optim == "sgd"
+    assert parse("--optim", "adamw_torch").xsam_enabled is False
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        HfArgumentParser(XSAMTrainingArguments).parse_args_into_dataclasses(["--help"])
+    text = capsys.readouterr().out
+    for flag in FLAGS:
+        assert f"--{flag}" in text
+    assert "alpha probes" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--xsam_rho", "-0.1"], r"xsam_rho=-0.1 is invalid: must be a finite number >= 0"),
+        (["--xsam_rho", "inf"], r"xsam_rho=inf is invalid"),
+        (["--xsam_rho_max", "-1"], r"xsam_rho_max=-1.0 is invalid"),
+        (["--xsam_alpha", "nan"], r"xsam_alpha=nan is invalid: must be a finite number"),
+        (["--xsam_alpha_max", "-0.5"], r"xsam_alpha_max=-0.5 is invalid: must be a finite number >= 0"),
+        (["--xsam_alpha_step", "0"], r"xsam_alpha_step=0.0 is invalid: must be a finite number > 0"),
+        (["--xsam_ascent_steps", "0"], r"xsam_ascent_steps=0 is invalid: must be an integer >= 1"),
+        (["--xsam_alpha_update_steps", "-2"], r"xsam_alpha_update_steps=-2 is invalid: must be an integer >= 0"),
+        (["--xsam_base_optim", "xsam"], r"xsam_base_optim='xsam' is invalid: XSAM cannot wrap itself"),
+        (["--xsam_base_optim", "adamw_nope"], r"xsam_base_optim='adamw_nope' is invalid: must be a built-in"),
+        (["--xsam_base_optim", "lomo"], r"xsam_base_optim='lomo' is invalid: LOMO updates the weights inside"),
+        (["--xsam_base_optim", "galore_adamw_layerwise"], r"layer-wise GaLore steps inside backward"),
+        (["--xsam_base_optim", "apollo_adamw_layerwise"], r"layer-wise APOLLO steps inside backward"),
+    ],
+)
+def test_bad_xsam_flags_raise_value_error(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse("--optim", "xsam", *argv)
+
+
+def test_sam_with_another_alpha_is_rejected():
+    with pytest.raises(ValueError, match=r"xsam_alpha=0.5 is invalid: --optim sam fixes alpha at 1"):
+        parse("--optim", "sam", "--xsam_alpha", "0.5")
+
+
+def test_unknown_optim_keeps_transformers_error():
+    with pytest.raises(ValueError, match="not_an_optimizer"):
+        parse("--optim", "not_an_optimizer")
+
+
+def test_deepspeed_is_refused_before_anything_runs(tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text("{}")
+    with pytest.raises(ValueError, match=r"deepspeed=.*cannot be combined with optim='xsam'.*Use DDP or FSDP"):
+        parse("--optim", "xsam", "--deepspeed", str(config))
+
+
+def test_model_without_a_loss_fails_at_construction(tmp_path):
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64)
+    with pytest.raises(ValueError, match=r"optim='xsam' needs a loss, but BertModel.forward takes no labels"):
+        XSAMTrainer(model=BertModel(config), args=make_args(tmp_path, optim="xsam"), train_dataset=text_data())
+
+
+def test_non_scalar_loss_fails_with_a_clear_message(tmp_path):
+    class PerExampleLoss(XSAMTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return model(**inputs).logits.sum(-1)
+
+    trainer = PerExampleLoss(model=tiny_bert(), args=make_args(tmp_path, optim="xsam"), train_dataset=text_data())
+    with pytest.raises(ValueError, match=r"XSAM needs a scalar loss, but compute_loss returned Tensor\(4,\)"):
+        trainer.train()
