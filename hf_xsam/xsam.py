@@ -84,9 +84,9 @@ class XSAM(Optimizer):
             they mirror.
 
     Memory: one persistent buffer the size of the parameters that receive gradients (theta_0, kept between
-    steps so it is allocated once; not in ``state_dict()``), beyond the base optimizer's own state. A step
-    with alpha != 1, or one that probes, holds a second parameter-sized buffer (theta_k - theta_0) from the
-    end of the ascent until the weights are restored; plain SAM (alpha = 1, no probe) never does.
+    steps so it is allocated once; not in ``state_dict()``), beyond the base optimizer's own state. A probe
+    step holds a second parameter-sized buffer (theta_k - theta_0) while it probes; other steps compute that
+    displacement inside the weights, which are restored from theta_0 right after, and allocate nothing.
 
     Host syncs: none in a step without a probe; a probe syncs twice (the plane's geometry, then all its
     losses at once), never per probe point.
@@ -237,8 +237,7 @@ class XSAM(Optimizer):
         alpha = self.alpha
         info = DirectionInfo(psi=None, alpha=alpha)
         if alpha != 1.0 or probe_fn is not None:
-            # theta_k - theta_0: the only buffer besides theta_0, freed when this method returns
-            e = torch._foreach_sub(params, theta_0) if self.foreach else [p - t for p, t in zip(params, theta_0)]
+            e = self._displacement(params, theta_0, in_place=probe_fn is None)
             n_e, n_g, cos_psi = _geometry(e, grads, self._get("eps"), self.foreach)
             if probe_fn is not None:
                 info.probe_losses = self._probe(params, theta_0, e, grads, n_e, n_g, cos_psi, probe_fn)
@@ -318,6 +317,21 @@ class XSAM(Optimizer):
         else:
             for t, p in zip(theta_0, self._active):
                 t.copy_(p)
+
+    def _displacement(self, params, theta_0, in_place: bool) -> list[torch.Tensor]:
+        """e = theta_k - theta_0. Without a probe it is computed into the weights themselves, which are
+        restored from theta_0 afterwards anyway: no allocation. A probe needs the weights for its points, so
+        then e is the one transient buffer, freed when set_direction returns."""
+        if in_place:
+            if self.foreach:
+                torch._foreach_sub_(params, theta_0)
+            else:
+                for p, t in zip(params, theta_0):
+                    p.sub_(t)
+            return params
+        if self.foreach:
+            return torch._foreach_sub(params, theta_0)
+        return [p - t for p, t in zip(params, theta_0)]
 
     def _restore_theta_0(self) -> None:
         theta_0 = [self._theta_0[p] for p in self._active]
