@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 
 from hf_xsam.replay import RNGState, frozen_running_stats
@@ -62,6 +65,11 @@ class XSAMTrainer(Trainer):
                 f"optim={optim!r} cannot run under DeepSpeed: its engine steps the optimizer inside backward, so "
                 "XSAM cannot restore the weights between passes. Use DDP or FSDP (accelerate launch) instead."
             )
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                f"optim={optim!r} does not support FSDP yet: each process holds a shard of the weights, so XSAM's "
+                "norms and angles would be per shard. Use DDP (accelerate launch --multi_gpu) instead."
+            )
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"optim={optim!r} does not support torch.nn.DataParallel (n_gpu={self.args.n_gpu} in one process): "
@@ -112,46 +120,63 @@ class XSAMTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = self._prepare_inputs(inputs)
-        xsam = self.xsam
-        scale = 1.0 / self.current_gradient_accumulation_steps
-        params = [p for group in xsam.param_groups for p in group["params"]]
-        # Earlier micro-batches' directions wait aside (moved, not copied) while this one computes its own.
-        accumulated = [p.grad for p in params]
+        params = [p for group in self.xsam.param_groups for p in group["params"]]
+        ddp = model if isinstance(model, DistributedDataParallel) else None
+        # Earlier micro-batches' directions wait aside while this one computes its own: moved, not copied,
+        # unless DDP hands out gradients that are views of its buckets (the next backward would overwrite them).
+        copy = ddp is not None and ddp.gradient_as_bucket_view
+        accumulated = [None if p.grad is None else (p.grad.clone() if copy else p.grad) for p in params]
         for p in params:
             p.grad = None
 
-        rng_start = RNGState.capture({p.device for p in params})
-        loss = self._xsam_pass(model, inputs, scale)
-        rng_after = RNGState.capture({p.device for p in params})
-        if xsam.rho > 0:
-            ascent_loss = None
-            for _ in range(xsam.ascent_steps):
-                xsam.ascent_step()
-                for p in params:
-                    p.grad = None
-                rng_start.restore()
-                with frozen_running_stats(model):
-                    ascent_loss = self._xsam_pass(model, inputs, scale)
-            probe_fn = None
-            step = xsam.step_count
-            if xsam.probe_due and self._xsam_probed_at != step:
-                self._xsam_probed_at = step
-
-                def probe_fn():
-                    rng_start.restore()
-                    with frozen_running_stats(model), self.compute_loss_context_manager():
-                        return self._loss(model, inputs)
-
-            info = xsam.set_direction(probe_fn)
-            rng_after.restore()
-            self._record(info, ascent_loss)
+        global_mode = self.args.xsam_perturbation == "global"
+        with _gradient_sync(ddp, global_mode):
+            loss = self._xsam_micro_batch(model, inputs, 1.0 / self.current_gradient_accumulation_steps)
 
         for p, previous in zip(params, accumulated):
             if previous is not None:
                 if p.grad is not None:
                     previous.add_(p.grad)
                 p.grad = previous
-        return loss.detach() * scale
+        if ddp is not None and not global_mode and self.accelerator.sync_gradients:
+            _all_reduce_mean([p.grad for p in params if p.grad is not None])
+        return loss * (1.0 / self.current_gradient_accumulation_steps)
+
+    def _xsam_micro_batch(self, model: nn.Module, inputs: dict, scale: float) -> torch.Tensor:
+        """theta_0 pass, ascent passes, probe when due; leaves this micro-batch's direction in .grad."""
+        xsam = self.xsam
+        devices = {p.device for group in xsam.param_groups for p in group["params"]}
+        rng_start = RNGState.capture(devices)
+        loss = self._xsam_pass(model, inputs, scale)
+        if xsam.rho == 0:
+            return loss
+        rng_after = RNGState.capture(devices)
+        ascent_loss = None
+        for _ in range(xsam.ascent_steps):
+            xsam.ascent_step()
+            xsam.zero_grad(set_to_none=True)
+            rng_start.restore()
+            with frozen_running_stats(model):
+                ascent_loss = self._xsam_pass(model, inputs, scale)
+
+        probe_fn = None
+        if xsam.probe_due and self._xsam_probed_at != xsam.step_count:
+            self._xsam_probed_at = xsam.step_count  # probe on the step's first micro-batch only
+
+            def probe_fn():
+                rng_start.restore()
+                with frozen_running_stats(model), self.compute_loss_context_manager():
+                    return self._loss(model, inputs)
+
+        reduce = None
+        if self.accelerator.num_processes > 1:
+            def reduce(losses):
+                return self.accelerator.reduce(losses, reduction="mean")
+
+        info = xsam.set_direction(probe_fn, reduce)
+        rng_after.restore()
+        self._record(info, ascent_loss)
+        return loss
 
     def _loss(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         """The micro-batch's mean loss (num_items_in_batch deliberately not forwarded; see the class docstring)."""
@@ -230,3 +255,35 @@ class XSAMTrainer(Trainer):
         ]
         with open(path, "a", encoding="utf-8") as f:
             f.write("\n".join(lines))
+
+
+@contextlib.contextmanager
+def _gradient_sync(ddp: DistributedDataParallel | None, enabled: bool):
+    """Force DDP's gradient all-reduce on (global perturbation) or off (local) for the passes inside, whatever
+    the Trainer's accumulation context says; restored on exit."""
+    if ddp is None:
+        yield
+        return
+    previous = ddp.require_backward_grad_sync
+    ddp.require_backward_grad_sync = enabled
+    try:
+        yield
+    finally:
+        ddp.require_backward_grad_sync = previous
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor], bucket_bytes: int = 25 * 2**20) -> None:
+    """Average tensors across processes in place: flattened into ~25 MiB buckets, one all-reduce each."""
+    world = dist.get_world_size()
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for i, t in enumerate(tensors):
+        bucket.append(t)
+        size += t.numel() * t.element_size()
+        if size >= bucket_bytes or i == len(tensors) - 1:
+            flat = torch._utils._flatten_dense_tensors(bucket)
+            dist.all_reduce(flat)
+            flat.div_(world)
+            for t_out, t_in in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+                t_out.copy_(t_in)
+            bucket, size = [], 0

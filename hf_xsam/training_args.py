@@ -44,6 +44,10 @@ class XSAMTrainingArguments(TrainingArguments):
             0 never probes and alpha stays at `xsam_alpha`. Ignored by `--optim sam`.
         xsam_base_optim ("adamw_torch"): the built-in optimizer XSAM wraps; its settings come from the usual
             flags (`--learning_rate`, `--weight_decay`, `--adam_beta1`, ..., `--optim_args`).
+        xsam_perturbation ("global"): with several processes, `"global"` ascends along the gradient averaged over
+            all processes (an all-reduce per pass; N processes with batch b train like 1 process with batch N*b),
+            `"local"` lets each process ascend along its own gradient (per-device m-sharpness; no all-reduce in
+            the sharpness passes, one all-reduce of the final directions per optimizer step).
     """
 
     optim: str = field(
@@ -74,6 +78,16 @@ class XSAMTrainingArguments(TrainingArguments):
     xsam_base_optim: str = field(
         default="adamw_torch",
         metadata={"help": "XSAM/SAM: the built-in optimizer to wrap (its kwargs from --optim_args as usual)."},
+    )
+
+    xsam_perturbation: str = field(
+        default="global",
+        metadata={
+            "help": "XSAM/SAM with several processes: 'global' ascends along the all-reduced gradient (N processes "
+            "with batch b == 1 process with batch N*b), 'local' along each process's own gradient (per-device "
+            "m-sharpness, fewer all-reduces).",
+            "choices": ["global", "local"],
+        },
     )
 
     def __post_init__(self):
@@ -127,6 +141,8 @@ class XSAMTrainingArguments(TrainingArguments):
             raise bad("xsam_ascent_steps", "must be an integer >= 1")
         if not (isinstance(self.xsam_alpha_update_steps, int) and self.xsam_alpha_update_steps >= 0):
             raise bad("xsam_alpha_update_steps", "must be an integer >= 0 (0 = never probe)")
+        if self.xsam_perturbation not in ("global", "local"):
+            raise bad("xsam_perturbation", "must be 'global' or 'local'")
         base = self.xsam_base_optim
         allowed = "a built-in optimizer name such as adamw_torch, adamw_torch_fused, sgd, adafactor"
         if base in XSAM_OPTIMS:

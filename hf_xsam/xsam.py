@@ -222,12 +222,18 @@ class XSAM(Optimizer):
                 p.add_(g)
 
     @torch.no_grad()
-    def set_direction(self, probe_fn: Callable[[], torch.Tensor] | None = None) -> DirectionInfo:
+    def set_direction(
+        self,
+        probe_fn: Callable[[], torch.Tensor] | None = None,
+        reduce_losses: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> DirectionInfo:
         """Turn g_k (in ``.grad``, weights at theta_k) into the XSAM direction d, restore theta_0 bitwise.
 
         probe_fn: when given, alpha is re-chosen first: ``probe_fn()`` is called once per grid point with the
             weights at theta_0 + rho_max v(alpha) and must return the loss on the step's batch (no backward,
             the same dropout masks every call). Pass it only when ``probe_due`` (``step(closure)`` does).
+        reduce_losses: applied to the vector of all probe losses before the argmax, e.g. an all-reduce mean
+            across processes, so that every rank picks the same alpha with one collective per probe.
         """
         if self._get("rho") == 0 or not self._active:
             return DirectionInfo(psi=None, alpha=self.alpha)  # nothing moved: .grad already holds g_0
@@ -240,7 +246,8 @@ class XSAM(Optimizer):
             e = self._displacement(params, theta_0, in_place=probe_fn is None)
             n_e, n_g, cos_psi = _geometry(e, grads, self._get("eps"), self.foreach)
             if probe_fn is not None:
-                info.probe_losses = self._probe(params, theta_0, e, grads, n_e, n_g, cos_psi, probe_fn)
+                info.probe_losses = self._probe(params, theta_0, e, grads, n_e, n_g, cos_psi, probe_fn,
+                                                reduce_losses)
                 alpha = info.alpha = self.alpha
             a0, a1 = _slerp_coefficients(alpha, cos_psi, n_e, n_g, self._get("eps"))
             # d = ||g_k|| v(alpha) = a1 g_k + a0 ||g_k||/||e|| e; the ||g_k|| of v1 cancels exactly
@@ -257,6 +264,7 @@ class XSAM(Optimizer):
             info.psi = torch.acos(cos_psi)
         # alpha = 1 without a probe is SAM: d = g_k, already in .grad
         self._restore_theta_0()
+        self._active = []  # the next ascent_step starts a new pass set (next micro-batch or step)
         return info
 
     @torch.no_grad()
@@ -341,14 +349,15 @@ class XSAM(Optimizer):
             for p, t in zip(self._active, theta_0):
                 p.copy_(t)
 
-    def _probe(self, params, theta_0, e, grads, n_e, n_g, cos_psi, probe_fn) -> list[float] | None:
+    def _probe(self, params, theta_0, e, grads, n_e, n_g, cos_psi, probe_fn, reduce_losses) -> list[float] | None:
         """Evaluate probe_fn at theta_0 + rho_max v(alpha) over the grid; set alpha to the argmax."""
         rho_max, eps = self._get("rho_max"), self._get("eps")
         # Host sync 1 of 2: the plane's geometry, so each point is set with plain scalar axpys (no temporaries).
         geometry = torch.stack([n_e, n_g, cos_psi]).double().cpu()
         n_e_h, n_g_h, cos_h = geometry.unbind()
-        if _degenerate(cos_h, n_e_h, n_g_h, eps):
+        if _degenerate(cos_h, n_e_h, n_g_h, eps) and reduce_losses is None:
             return None  # v0 and v1 span no plane: every v(alpha) is v1, nothing to choose
+        # (with reduce_losses every rank must join the collective: a degenerate rank probes v1 at every point)
         grid = self.probe_grid()
         losses = []
         for alpha in grid:
@@ -366,7 +375,10 @@ class XSAM(Optimizer):
                     p.add_(g, alpha=c1)
             losses.append(probe_fn().detach().float().reshape(()))
         # the weights are left at the last probe point: set_direction restores theta_0 next
-        values = torch.stack(losses).tolist()  # host sync 2 of 2: all probe losses at once
+        losses = torch.stack(losses)
+        if reduce_losses is not None:
+            losses = reduce_losses(losses)
+        values = losses.tolist()  # host sync 2 of 2: all probe losses at once
         best = _argmax_first(values)
         if best is not None:
             self._set("alpha", float(grid[best]))

@@ -1,0 +1,57 @@
+"""Run by tests/test_ddp.py under `torchrun --nproc_per_node 2`: trains tiny BERTs with XSAMTrainer on CPU (gloo)
+and saves each rank's final weights, alpha and probe history, one file per configuration and rank.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT_DIR CONFIGS_JSON
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _tiny import make_args, text_data, tiny_bert  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from hf_xsam import XSAMTrainer  # noqa: E402
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times, self._start = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def run(name: str, config: dict, out_dir: str) -> None:
+    config = dict(config)
+    dropout = config.pop("dropout", 0.0)
+    model = tiny_bert(dropout=dropout)
+    timer = StepTimer()
+    trainer = XSAMTrainer(model=model, train_dataset=text_data(n=64),
+                          args=make_args(os.path.join(out_dir, name), train_sampling_strategy="sequential",
+                                         **config),
+                          callbacks=[timer])
+    trainer.train()
+    rank = trainer.args.process_index
+    probes = [h for h in trainer.state.log_history if "xsam/probe_losses" in h]
+    torch.save({"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "alpha": trainer.xsam.alpha if trainer.args.xsam_enabled else None,
+                "probes": probes, "world_size": trainer.args.world_size, "step_times": timer.times},
+               os.path.join(out_dir, f"{name}.rank{rank}.pt"))
+
+
+def main() -> None:
+    out_dir, configs = sys.argv[1], json.loads(sys.argv[2])
+    for name, config in configs.items():
+        run(name, config, out_dir)
+
+
+if __name__ == "__main__":
+    main()

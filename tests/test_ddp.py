@@ -1,0 +1,80 @@
+"""XSAM under DDP with 2 real gloo processes (torchrun on CPU): ranks stay identical, alpha agrees, global mode
+equals one process with the double batch, with and without gradient accumulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from _tiny import make_args, text_data, tiny_bert
+
+from hf_xsam import XSAMTrainer
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = {
+    # global perturbation, SGD: must equal 1 process with batch 8
+    "global_sgd": dict(optim="xsam", xsam_base_optim="sgd", learning_rate=0.5, xsam_rho=0.2,
+                       xsam_alpha_update_steps=2, max_steps=4, per_device_train_batch_size=4,
+                       lr_scheduler_type="constant"),
+    # global, accumulation 2, average_tokens_across_devices off: still 1 process with batch 8
+    "global_accum": dict(optim="xsam", xsam_base_optim="sgd", learning_rate=0.5, xsam_rho=0.2,
+                         xsam_alpha_update_steps=1, max_steps=3, per_device_train_batch_size=4,
+                         gradient_accumulation_steps=2, lr_scheduler_type="constant",
+                         average_tokens_across_devices=False),
+    # local perturbation, AdamW, dropout, accumulation: ranks identical, alpha agrees
+    "local_adamw": dict(optim="xsam", xsam_perturbation="local", xsam_rho=0.2, xsam_alpha_update_steps=2,
+                        max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2, dropout=0.1),
+    "global_adamw": dict(optim="xsam", xsam_rho=0.2, xsam_alpha_update_steps=2, max_steps=4,
+                         per_device_train_batch_size=4, gradient_accumulation_steps=2, dropout=0.1),
+}
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(__file__))
+    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           worker, str(out), json.dumps(CONFIGS)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {name: [torch.load(out / f"{name}.rank{r}.pt") for r in (0, 1)] for name in CONFIGS}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_ranks_stay_bitwise_identical_and_agree_on_alpha(ddp_results, name):
+    rank0, rank1 = ddp_results[name]
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    for key in rank0["params"]:
+        assert torch.equal(rank0["params"][key], rank1["params"][key]), key
+    assert rank0["alpha"] == rank1["alpha"]
+    assert [p["xsam/alpha"] for p in rank0["probes"]] == [p["xsam/alpha"] for p in rank1["probes"]]
+    assert len(rank0["probes"]) >= 2
+
+
+@pytest.mark.parametrize("name", ["global_sgd", "global_accum"])
+def test_global_mode_equals_one_process_with_the_double_batch(ddp_results, tmp_path, name):
+    config = dict(CONFIGS[name], per_device_train_batch_size=8)
+    model = tiny_bert(dropout=0.0)
+    trainer = XSAMTrainer(model=model, train_dataset=text_data(n=64),
+                          args=make_args(tmp_path, train_sampling_strategy="sequential", **config))
+    trainer.train()
+    rank0 = ddp_results[name][0]
+    for key, p in model.named_parameters():
+        torch.testing.assert_close(rank0["params"][key], p.detach(), rtol=1e-5, atol=1e-6, msg=key)
+    assert rank0["alpha"] == trainer.xsam.alpha
+    single_probes = [h for h in trainer.state.log_history if "xsam/probe_losses" in h]
+    for ours, theirs in zip(rank0["probes"], single_probes):
+        torch.testing.assert_close(torch.tensor(ours["xsam/probe_losses"]),
+                                   torch.tensor(theirs["xsam/probe_losses"]), rtol=1e-5, atol=1e-6)
+
+
+def test_local_and_global_perturbations_differ(ddp_results):
+    local, global_ = ddp_results["local_adamw"][0], ddp_results["global_adamw"][0]
+    diff = max((local["params"][k] - global_["params"][k]).abs().max().item() for k in local["params"])
+    assert diff > 1e-6
