@@ -215,8 +215,10 @@ class XSAMTrainer(Trainer):
             logs["xsam/alpha"] = self.xsam.alpha
             for key in ("psi", "ascent_loss"):
                 values = self._xsam_logs[key]
-                if values:  # one host sync per logging step
-                    logs[f"xsam/{key}"] = round(torch.stack(values).float().mean().item(), 6)
+                if values:  # one host sync per logging step; nanmean: an fp16 overflow step gives NaN
+                    mean = torch.stack(values).float().nanmean().item()
+                    if math.isfinite(mean):
+                        logs[f"xsam/{key}"] = round(mean, 6)
                 self._xsam_logs[key] = []
             if self._xsam_logs["probe_loss_max"]:
                 logs["xsam/probe_loss_max"] = round(self._xsam_logs["probe_loss_max"][0], 6)
