@@ -70,6 +70,12 @@ class XSAMTrainer(Trainer):
                 f"optim={optim!r} does not support FSDP yet: each process holds a shard of the weights, so XSAM's "
                 "norms and angles would be per shard. Use DDP (accelerate launch --multi_gpu) instead."
             )
+        if self.args.torch_compile:
+            raise ValueError(
+                f"optim={optim!r} does not support torch_compile=True yet: compiled dropout does not replay when XSAM "
+                "restores the random number generator (measured on torch 2.13: the probe's masks differ from the "
+                "theta_0 pass), so the probe would measure dropout noise. Train without --torch_compile."
+            )
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"optim={optim!r} does not support torch.nn.DataParallel (n_gpu={self.args.n_gpu} in one process): "

@@ -105,3 +105,9 @@ def test_non_scalar_loss_fails_with_a_clear_message(tmp_path):
     trainer = PerExampleLoss(model=tiny_bert(), args=make_args(tmp_path, optim="xsam"), train_dataset=text_data())
     with pytest.raises(ValueError, match=r"XSAM needs a scalar loss, but compute_loss returned Tensor\(4,\)"):
         trainer.train()
+
+
+def test_torch_compile_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(ValueError, match=r"optim='xsam' does not support torch_compile=True yet: compiled dropout"):
+        XSAMTrainer(model=tiny_bert(), args=make_args(tmp_path, optim="xsam", torch_compile=True),
+                    train_dataset=text_data())
