@@ -210,7 +210,7 @@ class XSAMTrainer(Trainer):
             finite = [v for v in info.probe_losses if math.isfinite(v)]
             self._xsam_logs["probe_loss_max"] = [max(finite)] if finite else []
             self.state.log_history.append({
-                "step": self.state.global_step,
+                "step": self.state.global_step + 1,  # the step it belongs to, counted as the logs count
                 "xsam/probe_alphas": self.xsam.probe_grid(),
                 "xsam/probe_losses": info.probe_losses,
                 "xsam/alpha": info.alpha,

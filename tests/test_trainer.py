@@ -156,7 +156,7 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path):
     def probes(t):
         return [(h["step"], h["xsam/probe_losses"]) for h in t.state.log_history if "xsam/probe_losses" in h]
 
-    assert [s for s, _ in probes(full_trainer)] == [0, 2, 4]
+    assert [s for s, _ in probes(full_trainer)] == [1, 3, 5]
     assert probes(trainer)[-1] == probes(full_trainer)[-1]
 
 
@@ -212,7 +212,7 @@ def test_logs_xsam_metrics_and_probe_losses(tmp_path):
         assert entry["xsam/probe_loss_max"] > 0
         assert entry["xsam/alpha"] in [round(0.1 * i, 12) for i in range(21)]
     probes = [h for h in trainer.state.log_history if "xsam/probe_losses" in h]
-    assert [p["step"] for p in probes] == [0, 2]
+    assert [p["step"] for p in probes] == [1, 3]
     for probe in probes:
         losses = probe["xsam/probe_losses"]
         assert len(losses) == len(probe["xsam/probe_alphas"]) == 21
