@@ -122,12 +122,7 @@ class XSAM(Optimizer):
                   ascent_steps=ascent_steps, alpha_update_interval=alpha_update_interval, eps=eps)
         base = _build_base(params, base_optimizer, base_kwargs)
         for group in base.param_groups:
-            clash = sorted(set(group) & set(_KEYS))
-            if clash:
-                raise ValueError(
-                    f"param group sets {clash}: XSAM's hyperparameters are global (its norms span every group); "
-                    "pass them to XSAM(...) instead"
-                )
+            _refuse_group_settings(group)
         defaults = dict(xsam_rho=float(rho), xsam_rho_max=float(rho_max), xsam_alpha=float(alpha),
                         xsam_alpha_max=float(alpha_max), xsam_alpha_step=float(alpha_step),
                         xsam_ascent_steps=int(ascent_steps), xsam_alpha_update_interval=int(alpha_update_interval),
@@ -181,6 +176,7 @@ class XSAM(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__ for the base's groups
             return super().add_param_group(param_group)
+        _refuse_group_settings(param_group)  # they would be overwritten below, silently
         self.base_optimizer.add_param_group(param_group)
         for key in _KEYS:
             self.param_groups[-1][key] = self.param_groups[0][key]
@@ -211,7 +207,7 @@ class XSAM(Optimizer):
             if not self._active:
                 raise RuntimeError("XSAM.ascent_step() found no gradients: run backward() at theta_0 first")
             self._save_theta_0()
-        params, grads = self._active, _grads(self._active)
+        params, grads = self._active, _grads(self._active, fill_missing=True)  # unused at theta_i: zero
         scale = (rho / k) / (_global_norm(grads, self.foreach) + eps)
         if self.foreach:
             torch._foreach_mul_(grads, scale)
@@ -404,6 +400,15 @@ def _validate(**values) -> None:
         check(name, isinstance(value, int) and not isinstance(value, bool) and value >= low,
               f"must be an integer >= {low}")
     check("eps", finite(values["eps"]) and values["eps"] > 0, "must be a finite number > 0")
+
+
+def _refuse_group_settings(group: dict) -> None:
+    clash = {key: group[key] for key in sorted(set(group) & set(_KEYS))}
+    if clash:
+        raise ValueError(
+            f"param group sets {clash}: XSAM's hyperparameters are global (its norms span every group); "
+            "pass them to XSAM(...) instead"
+        )
 
 
 def _build_base(params, base_optimizer, base_kwargs) -> Optimizer:
