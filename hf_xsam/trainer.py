@@ -63,7 +63,7 @@ class XSAMTrainer(Trainer):
         if self.is_deepspeed_enabled:
             raise ValueError(
                 f"optim={optim!r} cannot run under DeepSpeed: its engine steps the optimizer inside backward, so "
-                "XSAM cannot restore the weights between passes. Use DDP or FSDP (accelerate launch) instead."
+                "XSAM cannot restore the weights between passes. Use DDP (accelerate launch --multi_gpu) instead."
             )
         if self.is_fsdp_enabled:
             raise ValueError(

@@ -157,6 +157,6 @@ class XSAMTrainingArguments(TrainingArguments):
         if self.deepspeed:
             raise ValueError(
                 f"deepspeed={self.deepspeed!r} cannot be combined with optim={optim!r}: DeepSpeed runs the optimizer "
-                "step inside its engine, so XSAM cannot restore the weights between passes. Use DDP or FSDP "
-                "(accelerate launch) instead."
+                "step inside its engine, so XSAM cannot restore the weights between passes. Use DDP "
+                "(accelerate launch --multi_gpu) instead."
             )

@@ -86,7 +86,8 @@ def test_unknown_optim_keeps_transformers_error():
 def test_deepspeed_is_refused_before_anything_runs(tmp_path):
     config = tmp_path / "ds.json"
     config.write_text("{}")
-    with pytest.raises(ValueError, match=r"deepspeed=.*cannot be combined with optim='xsam'.*Use DDP or FSDP"):
+    message = r"deepspeed=.*cannot be combined with optim='xsam'.*Use DDP \(accelerate launch --multi_gpu\)"
+    with pytest.raises(ValueError, match=message):
         parse("--optim", "xsam", "--deepspeed", str(config))
 
 
