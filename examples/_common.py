@@ -344,6 +344,7 @@ def finish(
         "majority_label": majority_label,
         "majority_test_accuracy": majority_accuracy,
         "final_alpha": trainer.xsam.alpha if args.xsam_enabled else None,
+        **xsam_log_summary(trainer.state.log_history),
         "num_labels": data.num_labels,
         "split_sizes": {k: len(v) for k, v in data.splits.items()},
         "dataset": data.description,
@@ -363,6 +364,16 @@ def finish(
         print(results_table(results))
         print(f"Saved the model, its tokenizer/processor, the model card and results.json to {args.output_dir}")
     return results
+
+
+def xsam_log_summary(log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """From a run's log history: the mean of the logged ``xsam/psi`` (each entry already a mean over its logging
+    window) and the alpha each probe chose, in order. None and [] for runs without XSAM logs."""
+    psis = [entry["xsam/psi"] for entry in log_history if "xsam/psi" in entry]
+    return {
+        "mean_psi": float(np.mean(psis)) if psis else None,
+        "probe_alphas": [entry["xsam/alpha"] for entry in log_history if "xsam/probe_alphas" in entry],
+    }
 
 
 def results_table(results: dict[str, Any]) -> str:

@@ -41,8 +41,9 @@ TINY_TEXT = ["--max_steps", "3", "--per_device_train_batch_size", "8", "--max_se
              "--xsam_alpha_update_steps", "2", *QUIET]
 
 
-def check_results(results: dict, output_dir: str, optim: str, num_labels: int) -> None:
-    """The returned results are the saved ones, each number in its range; the model card names the method."""
+def check_results(results: dict, output_dir: str, optim: str, num_labels: int, probe_interval: int = 50) -> None:
+    """The returned results are the saved ones, each number in its range; the model card names the method; an
+    XSAM run probed on steps 1, 1 + probe_interval, ... (50 is both examples' default interval)."""
     with open(os.path.join(output_dir, "results.json"), encoding="utf-8") as f:
         assert json.load(f) == json.loads(json.dumps(results))
     assert results["optim"] == optim and results["num_labels"] == num_labels
@@ -57,8 +58,13 @@ def check_results(results: dict, output_dir: str, optim: str, num_labels: int) -
         assert "- xsam" in card and f"- {optim}" in card  # the card's tags
         assert "## Sharpness-aware training" in card and "| base optimizer | adamw_torch |" in card
         assert f"| final alpha | {results['final_alpha']} |" in card
+        if optim == "xsam":
+            assert 0.0 <= results["mean_psi"] <= math.pi
+            assert len(results["probe_alphas"]) == math.ceil(results["train_steps"] / probe_interval)
+            assert results["probe_alphas"][-1] == results["final_alpha"]
     else:
         assert results["final_alpha"] is None
+        assert results["mean_psi"] is None and results["probe_alphas"] == []
         assert "xsam" not in card.lower()
 
 
@@ -100,7 +106,7 @@ def test_text_example_tweets_xsam(tmp_path):
 
     out = str(tmp_path / "out")
     results = text_classification.main(["--output_dir", out, *TINY_TEXT])
-    check_results(results, out, "xsam", 3)
+    check_results(results, out, "xsam", 3, probe_interval=2)
     assert results["split_sizes"] == {"train": 64, "validation": 24, "test": 24}
 
     with open(os.path.join(out, "README.md"), encoding="utf-8") as f:
@@ -145,7 +151,7 @@ def test_image_example_digits_xsam(tmp_path):
     out = str(tmp_path / "out")
     results = image_classification.main(["--output_dir", out, "--max_steps", "6", "--xsam_alpha_update_steps", "3",
                                          *QUIET])
-    check_results(results, out, "xsam", 10)
+    check_results(results, out, "xsam", 10, probe_interval=3)
     assert results["split_sizes"] == {"train": 1437, "validation": 180, "test": 180}  # all of the 1,797 digits
 
     model = AutoModelForImageClassification.from_pretrained(out).eval()
@@ -351,5 +357,5 @@ def test_image_example_under_accelerate_launch(tmp_path):
     assert done.stdout.count("| test accuracy") == 1  # the table is printed by the main process only
     with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
         results = json.load(f)
-    check_results(results, out, "xsam", 10)
+    check_results(results, out, "xsam", 10, probe_interval=2)
     assert results["train_steps"] == 3 and results["processes"] == 2
