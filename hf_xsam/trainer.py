@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -50,6 +51,8 @@ class XSAMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._xsam_logs: dict[str, list] = {"psi": [], "ascent_loss": [], "probe_loss_max": []}
         self._xsam_probed_at: int | None = None
+        self._xsam_recent: collections.deque = collections.deque(maxlen=max(self.args.xsam_probe_batches - 1, 0)
+                                                                  if self._xsam_enabled else 0)
         if self._xsam_enabled:
             self._check_xsam_compatible()
 
@@ -154,7 +157,8 @@ class XSAMTrainer(Trainer):
         devices = {p.device for group in xsam.param_groups for p in group["params"]}
         rng_start = RNGState.capture(devices)
         loss = self._xsam_pass(model, inputs, scale)
-        if xsam.rho == 0:
+        if not xsam.sharpness_due:  # rho = 0, or a plain step between sharpness-aware ones (xsam_interval)
+            self._remember(inputs)
             return loss
         rng_after = RNGState.capture(devices)
         ascent_loss = None
@@ -168,11 +172,12 @@ class XSAMTrainer(Trainer):
         probe_fn = None
         if xsam.probe_due and self._xsam_probed_at != xsam.step_count:
             self._xsam_probed_at = xsam.step_count  # probe on the step's first micro-batch only
+            batches = [inputs, *reversed(self._xsam_recent)]  # this one, then those trained on just before
 
             def probe_fn():
-                rng_start.restore()
+                rng_start.restore()  # every point sees the same masks (per batch, in the same order)
                 with frozen_running_stats(model), self.compute_loss_context_manager():
-                    return self._loss(model, inputs)
+                    return torch.stack([self._loss(model, batch) for batch in batches]).mean()
 
         reduce = None
         if self.accelerator.num_processes > 1:
@@ -182,7 +187,13 @@ class XSAMTrainer(Trainer):
         info = xsam.set_direction(probe_fn, reduce)
         rng_after.restore()
         self._record(info, ascent_loss)
+        self._remember(inputs)
         return loss
+
+    def _remember(self, inputs: dict) -> None:
+        """Keep the latest micro-batches for a probe averaged over several (xsam_probe_batches > 1)."""
+        if self._xsam_recent.maxlen:
+            self._xsam_recent.append(inputs)
 
     def _loss(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         """The micro-batch's mean loss (num_items_in_batch deliberately not forwarded; see the class docstring)."""
@@ -211,14 +222,17 @@ class XSAMTrainer(Trainer):
             self._xsam_logs["probe_loss_max"] = [max(finite)] if finite else []
             self.state.log_history.append({
                 "step": self.state.global_step + 1,  # the step it belongs to, counted as the logs count
-                "xsam/probe_alphas": self.xsam.probe_grid(),
+                "xsam/probe_alphas": info.probe_alphas,
                 "xsam/probe_losses": info.probe_losses,
                 "xsam/alpha": info.alpha,
+                **({"xsam/angle": self.xsam.angle} if self.xsam.angle is not None else {}),
             })
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._xsam_enabled and "loss" in logs and self.optimizer is not None:
             logs["xsam/alpha"] = self.xsam.alpha
+            if self.xsam.angle is not None:
+                logs["xsam/angle"] = self.xsam.angle
             for key in ("psi", "ascent_loss"):
                 values = self._xsam_logs[key]
                 if values:  # one host sync per logging step; nanmean: an fp16 overflow step gives NaN

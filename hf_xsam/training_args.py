@@ -48,6 +48,16 @@ class XSAMTrainingArguments(TrainingArguments):
             all processes (an all-reduce per pass; N processes with batch b train like 1 process with batch N*b),
             `"local"` lets each process ascend along its own gradient (per-device m-sharpness; no all-reduce in
             the sharpness passes, one all-reduce of the final directions per optimizer step).
+        xsam_interval (1): a sharpness-aware step every N optimizer steps, a plain base-optimizer step (one
+            forward/backward) in between, as MosaicML Composer's SAM `interval`.
+        xsam_probe_search ("grid"): "grid" evaluates all probe points (the paper: 21 forwards by default);
+            "fast" at most 8 (5 evenly spaced, 2 midpoints around the best, a parabolic refinement).
+        xsam_probe_space ("alpha"): "alpha" probes alpha in [0, xsam_alpha_max] (the paper); "angle" probes
+            rotation angles from v0 evenly over [0, 90 degrees], so the search cannot clip at alpha_max when
+            psi is small, and holds the chosen angle between probes.
+        xsam_probe_batches (1): the probe's loss at each point is the mean over this many micro-batches: the
+            one being trained on and the ones trained on just before it (a steadier alpha, at that many times
+            the probe's forward passes).
     """
 
     optim: str = field(
@@ -90,6 +100,33 @@ class XSAMTrainingArguments(TrainingArguments):
         },
     )
 
+    xsam_interval: int = field(
+        default=1,
+        metadata={"help": "XSAM/SAM: a sharpness-aware step every N optimizer steps, plain base-optimizer steps "
+                  "in between (Composer's SAM interval)."},
+    )
+    xsam_probe_search: str = field(
+        default="grid",
+        metadata={
+            "help": "XSAM: 'grid' evaluates every probe point (the paper); 'fast' at most 8 (coarse grid, "
+            "midpoints, parabolic refinement).",
+            "choices": ["grid", "fast"],
+        },
+    )
+    xsam_probe_space: str = field(
+        default="alpha",
+        metadata={
+            "help": "XSAM: 'alpha' probes alpha in [0, xsam_alpha_max] (the paper); 'angle' probes rotation angles "
+            "from v0 over [0, 90 degrees] and holds the chosen angle, so the search does not clip when psi is small.",
+            "choices": ["alpha", "angle"],
+        },
+    )
+    xsam_probe_batches: int = field(
+        default=1,
+        metadata={"help": "XSAM: average each probe loss over this many micro-batches (this one and those trained "
+                  "on just before it)."},
+    )
+
     def __post_init__(self):
         requested = self.optim.value if isinstance(self.optim, OptimizerNames) else str(self.optim)
         if requested in XSAM_OPTIMS:
@@ -116,6 +153,9 @@ class XSAMTrainingArguments(TrainingArguments):
             alpha_step=self.xsam_alpha_step,
             ascent_steps=self.xsam_ascent_steps,
             alpha_update_interval=0 if sam else self.xsam_alpha_update_steps,
+            interval=self.xsam_interval,
+            probe_search=self.xsam_probe_search,
+            probe_space=self.xsam_probe_space,
         )
 
     def _validate_xsam(self, optim: str) -> None:
@@ -141,6 +181,14 @@ class XSAMTrainingArguments(TrainingArguments):
             raise bad("xsam_ascent_steps", "must be an integer >= 1")
         if not (isinstance(self.xsam_alpha_update_steps, int) and self.xsam_alpha_update_steps >= 0):
             raise bad("xsam_alpha_update_steps", "must be an integer >= 0 (0 = never probe)")
+        if not (isinstance(self.xsam_interval, int) and self.xsam_interval >= 1):
+            raise bad("xsam_interval", "must be an integer >= 1 (1 = every step sharpness-aware)")
+        if self.xsam_probe_search not in ("grid", "fast"):
+            raise bad("xsam_probe_search", "must be 'grid' or 'fast'")
+        if self.xsam_probe_space not in ("alpha", "angle"):
+            raise bad("xsam_probe_space", "must be 'alpha' or 'angle'")
+        if not (isinstance(self.xsam_probe_batches, int) and self.xsam_probe_batches >= 1):
+            raise bad("xsam_probe_batches", "must be an integer >= 1")
         if self.xsam_perturbation not in ("global", "local"):
             raise bad("xsam_perturbation", "must be 'global' or 'local'")
         base = self.xsam_base_optim

@@ -19,11 +19,18 @@ from hf_xsam.replay import RNGState, frozen_running_stats
 # the slerp coefficients blow up (1/sin(psi)). The direction then falls back to v1, i.e. SAM's gradient.
 SIN_PSI_MIN = 1e-4
 
+# probe_space="angle" searches rotation angles from v0 in [0, ANGLE_MAX]: past 90 degrees the direction would
+# have a negative component along the ascent direction, i.e. point downhill at theta_0.
+ANGLE_MAX = math.pi / 2
+PROBE_SEARCHES = ("grid", "fast")
+PROBE_SPACES = ("alpha", "angle")
+
 # Names XSAM adds to every param group, as "xsam_<name>" (the prefix keeps them apart from the base optimizer's
 # own keys: AdamW has an "eps" too). They are global to the optimizer (the norms span every group), live in the
 # groups so that state_dict() carries them, and are kept equal across groups.
-_HYPERPARAMETERS = ("rho", "rho_max", "alpha_max", "alpha_step", "ascent_steps", "alpha_update_interval", "eps")
-_COUNTERS = ("alpha", "step")
+_HYPERPARAMETERS = ("rho", "rho_max", "alpha_max", "alpha_step", "ascent_steps", "alpha_update_interval", "eps",
+                    "interval", "probe_search", "probe_space")
+_COUNTERS = ("alpha", "angle", "step")
 _KEYS = tuple(f"xsam_{name}" for name in _HYPERPARAMETERS + _COUNTERS)
 
 
@@ -33,13 +40,17 @@ class DirectionInfo:
 
     psi: angle between v0 and v1 in radians, a 0-dim tensor on the parameters' device (reading it syncs);
         None when it was not computed (alpha = 1 without a probe is plain SAM and skips the geometry).
-    alpha: the alpha the direction was built with (after the probe, if one ran).
-    probe_losses: the loss at each probe point, in grid order, or None when no probe ran.
+    alpha: the alpha the direction was built with (after the probe, if one ran); in the angle space, the alpha
+        that the held angle gave at the latest probe.
+    probe_losses: the loss at each evaluated probe point, in increasing alpha, or None when no probe ran.
+    probe_alphas: the alpha of each of those points (the grid's, a subset of it for the fast search, or
+        angle / psi in the angle space).
     """
 
     psi: torch.Tensor | None
     alpha: float
     probe_losses: list[float] | None = None
+    probe_alphas: list[float] | None = None
 
 
 class XSAM(Optimizer):
@@ -77,7 +88,17 @@ class XSAM(Optimizer):
         alpha_step (0.1): the probe grid's spacing (the paper's delta).
         ascent_steps (1): k, the number of ascent steps.
         alpha_update_interval (0): optimizer steps between probes; 0 never probes. Probes run on steps
-            0, N, 2N, ... (counted by ``step()``).
+            0, N, 2N, ... (counted by ``step()``); with ``interval`` > 1, on the first sharpness-aware step at
+            or after each of them.
+        interval (1): a sharpness-aware step every ``interval`` optimizer steps (0, interval, 2 interval, ...),
+            a plain base-optimizer step from one gradient in between (MosaicML Composer's SAM ``interval``).
+        probe_search ("grid"): "grid" evaluates every probe point (the paper); "fast" evaluates at most 8 of
+            them: 5 evenly spaced, the 2 midpoints around the best, then the vertex of a parabola through the
+            best and its neighbours (beyond the paper; see benchmarks/RESULTS.md for its agreement with "grid").
+        probe_space ("alpha"): "alpha" probes alpha in {0, alpha_step, ..., alpha_max} (the paper); "angle"
+            probes the same number of rotation angles from v0, evenly over [0, pi/2], whatever psi is, so the
+            search does not clip when the maximum lies past alpha_max * psi; the chosen angle (not alpha) is
+            then held until the next probe (beyond the paper).
         norm_eps (1e-12): the spec's eps, added to every norm (named apart from the base optimizer's own ``eps``,
             which ``**base_kwargs`` passes through). Norms and dot products are accumulated in float32 (float64 for
             float64 parameters), so this is safe for bf16/fp16 parameters too.
@@ -114,20 +135,25 @@ class XSAM(Optimizer):
         ascent_steps: int = 1,
         alpha_update_interval: int = 0,
         norm_eps: float = 1e-12,
+        interval: int = 1,
+        probe_search: str = "grid",
+        probe_space: str = "alpha",
         foreach: bool | None = None,
         **base_kwargs,
     ):
         if rho_max is None:
             rho_max = 2 * rho
         _validate(rho=rho, rho_max=rho_max, alpha=alpha, alpha_max=alpha_max, alpha_step=alpha_step,
-                  ascent_steps=ascent_steps, alpha_update_interval=alpha_update_interval, norm_eps=norm_eps)
+                  ascent_steps=ascent_steps, alpha_update_interval=alpha_update_interval, norm_eps=norm_eps,
+                  interval=interval, probe_search=probe_search, probe_space=probe_space)
         base = _build_base(params, base_optimizer, base_kwargs)
         for group in base.param_groups:
             _refuse_group_settings(group)
         defaults = dict(xsam_rho=float(rho), xsam_rho_max=float(rho_max), xsam_alpha=float(alpha),
                         xsam_alpha_max=float(alpha_max), xsam_alpha_step=float(alpha_step),
                         xsam_ascent_steps=int(ascent_steps), xsam_alpha_update_interval=int(alpha_update_interval),
-                        xsam_eps=float(norm_eps), xsam_step=0)
+                        xsam_eps=float(norm_eps), xsam_interval=int(interval), xsam_probe_search=probe_search,
+                        xsam_probe_space=probe_space, xsam_angle=None, xsam_step=0)
         # Optimizer.__init__ adds our defaults to the base optimizer's own group dicts; then we share its
         # groups and state, so schedulers, state_dict() and the base step all see one set.
         super().__init__(base.param_groups, defaults)
@@ -164,15 +190,34 @@ class XSAM(Optimizer):
         return self._get("ascent_steps")
 
     @property
+    def angle(self) -> float | None:
+        """The rotation angle from v0 (radians) chosen by the latest probe in the angle space, else None."""
+        return self._get("angle")
+
+    @property
+    def sharpness_due(self) -> bool:
+        """True when this optimizer step is sharpness-aware (steps 0, interval, 2 interval, ...); the others are
+        plain base-optimizer steps. False whenever rho = 0."""
+        return self._get("rho") > 0 and self._get("step") % self._get("interval") == 0
+
+    @property
     def probe_due(self) -> bool:
-        """True when this optimizer step should re-choose alpha (steps 0, N, 2N, ... with N the interval)."""
-        interval = self._get("alpha_update_interval")
-        return interval > 0 and self._get("step") % interval == 0 and self._get("rho") > 0
+        """True when this optimizer step should re-choose alpha: a sharpness-aware step with a multiple of
+        ``alpha_update_interval`` among the ``interval`` steps ending at it (steps 0, N, 2N, ... when every
+        step is sharpness-aware)."""
+        every = self._get("alpha_update_interval")
+        return every > 0 and self.sharpness_due and self._get("step") % every < self._get("interval")
 
     def probe_grid(self) -> list[float]:
-        """The alphas a probe evaluates: 0, alpha_step, ..., up to alpha_max (included when on the grid)."""
+        """The alphas of the probe grid: 0, alpha_step, ..., up to alpha_max (included when on the grid)."""
         step, top = self._get("alpha_step"), self._get("alpha_max")
         return [round(i * step, 12) for i in range(int(math.floor(top / step + 1e-9)) + 1)]
+
+    def probe_angles(self) -> list[float]:
+        """The rotation angles (radians from v0) the angle space probes: as many as the alpha grid has points,
+        evenly over [0, pi/2]."""
+        n = len(self.probe_grid())
+        return [ANGLE_MAX * i / (n - 1) for i in range(n)] if n > 1 else [0.0]
 
     def add_param_group(self, param_group: dict) -> None:
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__ for the base's groups
@@ -237,16 +282,19 @@ class XSAM(Optimizer):
         params = self._active
         grads = _grads(params, fill_missing=True)
         theta_0 = [self._theta_0[p] for p in params]
-        alpha = self.alpha
-        info = DirectionInfo(psi=None, alpha=alpha)
-        if alpha != 1.0 or probe_fn is not None:
+        info = DirectionInfo(psi=None, alpha=self.alpha)
+        if self.alpha != 1.0 or self.angle is not None or probe_fn is not None:
             e = self._displacement(params, theta_0, in_place=probe_fn is None)
             n_e, n_g, cos_psi = _geometry(e, grads, self._get("eps"), self.foreach)
             if probe_fn is not None:
-                info.probe_losses = self._probe(params, theta_0, e, grads, n_e, n_g, cos_psi, probe_fn,
-                                                reduce_losses)
-                alpha = info.alpha = self.alpha
-            a0, a1 = _slerp_coefficients(alpha, cos_psi, n_e, n_g, self._get("eps"))
+                probed = self._probe(params, theta_0, e, grads, n_e, n_g, cos_psi, probe_fn, reduce_losses)
+                if probed is not None:
+                    info.probe_alphas, info.probe_losses = probed
+                info.alpha = self.alpha
+            if self.angle is not None:  # the held angle: alpha = angle / psi of this step, with no host sync
+                a0, a1 = _rotation_coefficients(self.angle, cos_psi, n_e, n_g, self._get("eps"))
+            else:
+                a0, a1 = _slerp_coefficients(self.alpha, cos_psi, n_e, n_g, self._get("eps"))
             # d = ||g_k|| v(alpha) = a1 g_k + a0 ||g_k||/||e|| e; the ||g_k|| of v1 cancels exactly
             c0 = a0 * n_g / (n_e + self._get("eps"))
             if self.foreach:
@@ -296,7 +344,7 @@ class XSAM(Optimizer):
                         return closure()
                 return closure(backward=False)
 
-        if self._get("rho") > 0:
+        if self.sharpness_due:
             for _ in range(self.ascent_steps):
                 self.ascent_step()
                 replay(backward=True)
@@ -346,40 +394,118 @@ class XSAM(Optimizer):
             for p, t in zip(self._active, theta_0):
                 p.copy_(t)
 
-    def _probe(self, params, theta_0, e, grads, n_e, n_g, cos_psi, probe_fn, reduce_losses) -> list[float] | None:
-        """Evaluate probe_fn at theta_0 + rho_max v(alpha) over the grid; set alpha to the argmax."""
+    def _probe(self, params, theta_0, e, grads, n_e, n_g, cos_psi, probe_fn, reduce_losses):
+        """Evaluate probe_fn at theta_0 + rho_max v(alpha) over the probe points the search picks; set alpha (and
+        in the angle space the angle) to the argmax. Returns (alphas, losses) of the evaluated points in
+        increasing alpha, or None when the plane is degenerate."""
         rho_max, eps = self._get("rho_max"), self._get("eps")
-        # Host sync 1 of 2: the plane's geometry, so each point is set with plain scalar axpys (no temporaries).
+        # Host sync: the plane's geometry, so each point is set with plain scalar axpys (no temporaries).
         geometry = torch.stack([n_e, n_g, cos_psi]).double().cpu()
         n_e_h, n_g_h, cos_h = geometry.unbind()
         if _degenerate(cos_h, n_e_h, n_g_h, eps) and reduce_losses is None:
             return None  # v0 and v1 span no plane: every v(alpha) is v1, nothing to choose
-        # (with reduce_losses every rank must join the collective: a degenerate rank probes v1 at every point)
-        grid = self.probe_grid()
-        losses = []
-        for alpha in grid:
-            a0, a1 = _slerp_coefficients(alpha, cos_h, n_e_h, n_g_h, eps)
-            c0 = (rho_max * a0 / (n_e_h + eps)).item()
-            c1 = (rho_max * a1 / (n_g_h + eps)).item()
-            if self.foreach:
-                torch._foreach_copy_(params, theta_0)
-                torch._foreach_add_(params, e, alpha=c0)
-                torch._foreach_add_(params, grads, alpha=c1)
-            else:
-                for p, t, ei, g in zip(params, theta_0, e, grads):
-                    p.copy_(t)
-                    p.add_(ei, alpha=c0)
-                    p.add_(g, alpha=c1)
-            losses.append(probe_fn().detach().float().reshape(()))
-        # the weights are left at the last probe point: set_direction restores theta_0 next
-        losses = torch.stack(losses)
-        if reduce_losses is not None:
-            losses = reduce_losses(losses)
-        values = losses.tolist()  # host sync 2 of 2: all probe losses at once
+        # (with reduce_losses every rank must join the collectives: a degenerate rank probes v1 at every point)
+        in_angles = self._get("probe_space") == "angle"
+        points = self.probe_angles() if in_angles else self.probe_grid()
+        psi_h = math.acos(float(cos_h))
+
+        def alpha_of(i: int) -> float:
+            if not in_angles:
+                return points[i]
+            return points[i] / psi_h if psi_h > 0 else 1.0  # psi = 0 is degenerate: v1 whatever alpha is
+
+        def evaluate(indices: list[int]) -> list[float]:
+            losses = []
+            for i in indices:
+                a0, a1 = _slerp_coefficients(alpha_of(i), cos_h, n_e_h, n_g_h, eps)
+                c0 = (rho_max * a0 / (n_e_h + eps)).item()
+                c1 = (rho_max * a1 / (n_g_h + eps)).item()
+                if self.foreach:
+                    torch._foreach_copy_(params, theta_0)
+                    torch._foreach_add_(params, e, alpha=c0)
+                    torch._foreach_add_(params, grads, alpha=c1)
+                else:
+                    for p, t, ei, g in zip(params, theta_0, e, grads):
+                        p.copy_(t)
+                        p.add_(ei, alpha=c0)
+                        p.add_(g, alpha=c1)
+                losses.append(probe_fn().detach().float().reshape(()))
+            # the weights are left at the last probe point: set_direction restores theta_0 next
+            losses = torch.stack(losses)
+            if reduce_losses is not None:
+                losses = reduce_losses(losses)
+            return losses.tolist()  # host sync: a stage's losses at once (grid: one stage; fast: three)
+
+        search = grid_search if self._get("probe_search") == "grid" else fast_search
+        found = search(len(points), evaluate)
+        order = sorted(found)
+        values = [found[i] for i in order]
         best = _argmax_first(values)
         if best is not None:
-            self._set("alpha", float(grid[best]))
-        return values
+            if in_angles:
+                self._set("angle", float(points[order[best]]))
+            self._set("alpha", float(alpha_of(order[best])))
+        return [alpha_of(i) for i in order], values
+
+
+# ---------------------------------------------------------------------- probe searches (pure functions)
+def grid_search(n: int, evaluate: Callable[[list[int]], list[float]]) -> dict[int, float]:
+    """The paper's exhaustive search: every one of the n probe points, in one stage. Returns {index: loss}."""
+    return dict(zip(range(n), evaluate(list(range(n)))))
+
+
+def fast_search(n: int, evaluate: Callable[[list[int]], list[float]]) -> dict[int, float]:
+    """At most 8 of the n probe points, in three stages (each one call of ``evaluate`` on a list of indices):
+
+    1. 5 points evenly spaced over the range, its two ends included;
+    2. around the best so far, the midpoints towards its evaluated neighbours (2 points);
+    3. the grid point nearest the vertex of the parabola through the best and its two evaluated neighbours
+       (at a range end, the point next to the best instead), when not evaluated yet (1 point).
+
+    Exact when the loss along the arc is a parabola; for any loss that rises then falls over the range it
+    lands within a point or two of the grid's argmax (measured: benchmarks/RESULTS.md). Returns
+    {index: loss} for the evaluated indices; the caller takes the argmax.
+    """
+    found: dict[int, float] = {}
+
+    def stage(indices) -> None:
+        new = sorted({i for i in indices if 0 <= i < n and i not in found})
+        if new:
+            found.update(zip(new, evaluate(new)))
+
+    def best_and_neighbours():
+        # the best finite loss (ties: the smaller index); all non-finite: the middle, as the search's centre
+        finite = [i for i in sorted(found) if math.isfinite(found[i])]
+        best = max(finite, key=lambda i: (found[i], -i)) if finite else sorted(found)[len(found) // 2]
+        left = max((i for i in found if i < best), default=None)
+        right = min((i for i in found if i > best), default=None)
+        return best, left, right
+
+    stage(round(j * (n - 1) / 4) for j in range(5))
+    best, left, right = best_and_neighbours()
+    stage([(best + side) // 2 if side < best else -(-(best + side) // 2)
+           for side in (left, right) if side is not None and abs(side - best) > 1])
+    best, left, right = best_and_neighbours()
+    if left is None or right is None:
+        stage([best + 1 if left is None else best - 1])
+    else:
+        stage([_parabola_vertex(left, best, right, found)])
+    return found
+
+
+def _parabola_vertex(left: int, mid: int, right: int, found: dict[int, float]) -> int:
+    """Grid index nearest the vertex of the parabola through three evaluated points, kept inside [left, right];
+    ``mid`` when the losses are not finite or the parabola has no maximum."""
+    (x0, y0), (x1, y1), (x2, y2) = ((i, found[i]) for i in (left, mid, right))
+    if not all(math.isfinite(y) for y in (y0, y1, y2)):
+        return mid
+    # vertex of the interpolating parabola, in the divided-difference form
+    d01, d12 = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
+    curvature = (d12 - d01) / (x2 - x0)
+    if curvature >= 0:  # no maximum between the points (flat or convex): keep the best
+        return mid
+    vertex = (x0 + x1) / 2 - d01 / (2 * curvature)
+    return min(max(round(vertex), left), right)
 
 
 # ---------------------------------------------------------------------- helpers (pure functions)
@@ -401,6 +527,10 @@ def _validate(**values) -> None:
         check(name, isinstance(value, int) and not isinstance(value, bool) and value >= low,
               f"must be an integer >= {low}")
     check("norm_eps", finite(values["norm_eps"]) and values["norm_eps"] > 0, "must be a finite number > 0")
+    value = values["interval"]
+    check("interval", isinstance(value, int) and not isinstance(value, bool) and value >= 1, "must be an integer >= 1")
+    check("probe_search", values["probe_search"] in PROBE_SEARCHES, f"must be one of {', '.join(PROBE_SEARCHES)}")
+    check("probe_space", values["probe_space"] in PROBE_SPACES, f"must be one of {', '.join(PROBE_SPACES)}")
 
 
 def _refuse_group_settings(group: dict) -> None:
@@ -483,6 +613,18 @@ def _slerp_coefficients(alpha: float, cos_psi, n_e, n_g, eps: float):
     safe_sin = torch.where(degenerate, torch.ones_like(sin_psi), sin_psi)
     a0 = torch.where(degenerate, torch.zeros_like(psi), torch.sin((1 - alpha) * psi) / safe_sin)
     a1 = torch.where(degenerate, torch.ones_like(psi), torch.sin(alpha * psi) / safe_sin)
+    return a0, a1
+
+
+def _rotation_coefficients(angle: float, cos_psi, n_e, n_g, eps: float):
+    """(a0, a1) of the unit vector at ``angle`` radians from v0 towards v1 in their plane: the slerp with
+    alpha = angle / psi, written so that psi stays on the device (no host sync)."""
+    psi = torch.acos(cos_psi)
+    sin_psi = torch.sin(psi)
+    degenerate = _degenerate(cos_psi, n_e, n_g, eps)
+    safe_sin = torch.where(degenerate, torch.ones_like(sin_psi), sin_psi)
+    a0 = torch.where(degenerate, torch.zeros_like(psi), torch.sin(psi - angle) / safe_sin)
+    a1 = torch.where(degenerate, torch.ones_like(psi), math.sin(angle) / safe_sin)
     return a0, a1
 
 

@@ -9,7 +9,8 @@ from transformers import BertConfig, BertModel, HfArgumentParser
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 
 FLAGS = ["xsam_rho", "xsam_rho_max", "xsam_alpha", "xsam_alpha_max", "xsam_alpha_step", "xsam_ascent_steps",
-         "xsam_alpha_update_steps", "xsam_base_optim"]
+         "xsam_alpha_update_steps", "xsam_base_optim", "xsam_perturbation", "xsam_interval", "xsam_probe_search",
+         "xsam_probe_space", "xsam_probe_batches"]
 
 
 def parse(*argv: str) -> XSAMTrainingArguments:
@@ -22,10 +23,14 @@ def parse(*argv: str) -> XSAMTrainingArguments:
 def test_flags_parsed_from_a_command_line():
     args = parse("--optim", "xsam", "--xsam_rho", "0.1", "--xsam_rho_max", "0.3", "--xsam_alpha", "0.5",
                  "--xsam_alpha_max", "1.5", "--xsam_alpha_step", "0.25", "--xsam_ascent_steps", "3",
-                 "--xsam_alpha_update_steps", "7", "--xsam_base_optim", "sgd", "--optim_args", "momentum=0.9")
+                 "--xsam_alpha_update_steps", "7", "--xsam_base_optim", "sgd", "--optim_args", "momentum=0.9",
+                 "--xsam_interval", "2", "--xsam_probe_search", "fast", "--xsam_probe_space", "angle",
+                 "--xsam_probe_batches", "4")
     assert args.optim == "xsam"
     assert args.xsam_kwargs() == dict(rho=0.1, rho_max=0.3, alpha=0.5, alpha_max=1.5, alpha_step=0.25,
-                                      ascent_steps=3, alpha_update_interval=7)
+                                      ascent_steps=3, alpha_update_interval=7, interval=2, probe_search="fast",
+                                      probe_space="angle")
+    assert args.xsam_probe_batches == 4
     assert args.xsam_base_optim == "sgd"
 
 
@@ -61,6 +66,8 @@ def test_help_lists_every_flag(capsys):
         (["--xsam_alpha_step", "0"], r"xsam_alpha_step=0.0 is invalid: must be a finite number > 0"),
         (["--xsam_ascent_steps", "0"], r"xsam_ascent_steps=0 is invalid: must be an integer >= 1"),
         (["--xsam_alpha_update_steps", "-2"], r"xsam_alpha_update_steps=-2 is invalid: must be an integer >= 0"),
+        (["--xsam_interval", "0"], r"xsam_interval=0 is invalid: must be an integer >= 1"),
+        (["--xsam_probe_batches", "0"], r"xsam_probe_batches=0 is invalid: must be an integer >= 1"),
         (["--xsam_base_optim", "xsam"], r"xsam_base_optim='xsam' is invalid: XSAM cannot wrap itself"),
         (["--xsam_base_optim", "adamw_nope"], r"xsam_base_optim='adamw_nope' is invalid: must be a built-in"),
         (["--xsam_base_optim", "lomo"], r"xsam_base_optim='lomo' is invalid: LOMO updates the weights inside"),
@@ -71,6 +78,16 @@ def test_help_lists_every_flag(capsys):
 def test_bad_xsam_flags_raise_value_error(argv, message):
     with pytest.raises(ValueError, match=message):
         parse("--optim", "xsam", *argv)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("xsam_probe_search", "exhaustive", r"xsam_probe_search='exhaustive' is invalid: must be 'grid' or 'fast'"),
+    ("xsam_probe_space", "radius", r"xsam_probe_space='radius' is invalid: must be 'alpha' or 'angle'"),
+])
+def test_bad_probe_choices_raise_value_error(tmp_path, field, value, message):
+    # on a command line argparse refuses them (choices); built in code they reach our check
+    with pytest.raises(ValueError, match=message):
+        XSAMTrainingArguments(output_dir=str(tmp_path), optim="xsam", use_cpu=True, **{field: value})
 
 
 def test_sam_with_another_alpha_is_rejected():
