@@ -206,7 +206,9 @@ def build_vit(model_args: ModelArguments, data: LabelledData):
 
 
 # ---------------------------------------------------------------------- the run
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> dict:
+    """Run the example on `argv` (the command line by default); `callbacks` go to the trainer (the benchmarks
+    use them to look at the weights during training). Returns the results that `results.json` holds."""
     started = time.perf_counter()
     model_args, data_args, training_args = parse_args(
         (ModelArguments, DataArguments, XSAMTrainingArguments), TRAINING_DEFAULTS, argv, OVERRIDES
@@ -244,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         eval_dataset=sets["validation"],
         processing_class=processor,
         compute_metrics=compute_metrics,
+        callbacks=callbacks,
     )
     train_result = trainer.train()
     card = dict(tasks="image-classification", finetuned_from=model_args.model_name_or_path)

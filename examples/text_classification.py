@@ -218,7 +218,9 @@ def tokenize(tokenizer, examples: Examples, max_length: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- the run
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> dict:
+    """Run the example on `argv` (the command line by default); `callbacks` go to the trainer (the benchmarks
+    use them to look at the weights during training). Returns the results that `results.json` holds."""
     started = time.perf_counter()
     model_args, data_args, training_args = parse_args(
         (ModelArguments, DataArguments, XSAMTrainingArguments), TRAINING_DEFAULTS, argv, OVERRIDES
@@ -257,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
+        callbacks=callbacks,
     )
     train_result = trainer.train()
     card = dict(
