@@ -14,7 +14,7 @@ unless overridden) as subprocesses and reads each run's `results.json`. Three ph
 Every run is appended to --json as it finishes, and runs already there are skipped, so an interrupted benchmark
 resumes where it stopped.
 
-    python benchmarks/generalization.py --task digits --seeds 0 1 2 --json benchmarks/results/generalization_digits.json
+    python benchmarks/generalization.py --task digits --seeds 0 1 2 --json benchmarks/results/gen_digits.json
 """
 
 from __future__ import annotations

@@ -187,7 +187,8 @@ def report(rows, sizes) -> tuple[str, dict]:
               "| step | rho | psi | alpha* (edge) | its loss | angle* (deg) = alpha | its loss | gain |",
               "|---|---|---|---|---|---|---|---|"]
     for t in angles:
-        lines.append(f"| {t['step']} | {t['rho']:g} | {t['psi']:.3f} | {t['alpha']:.1f}{' (edge)' if t['alpha_edge'] else ''}"
+        edge = " (edge)" if t["alpha_edge"] else ""
+        lines.append(f"| {t['step']} | {t['rho']:g} | {t['psi']:.3f} | {t['alpha']:.1f}{edge}"
                      f" | {t['alpha_loss']:.4f} | {t['angle_deg']:.1f} = {t['angle_alpha']:.2f} | "
                      f"{t['angle_loss']:.4f} | {t['gain']:+.2%} |")
     lines += ["", "steadiness: alpha* from the mean probe loss over K batches (same plane)",
