@@ -6,8 +6,10 @@
 
 Each configuration gets its own XSAMTrainer driven step by step through `training_step` + `optimizer.step`
 (what Trainer's loop runs per step). Rounds interleave the configurations so that machine noise hits them
-alike; the table quotes medians. XSAM's steps are split into probe steps and plain steps, and the cost at a
-probe interval N is the plain median plus the probe's extra time / N.
+alike; the table quotes medians. Steps are classed as probe steps, sharpness-aware steps and plain steps
+(between sharpness-aware ones, `--xsam_interval`), each class gets its median, and a configuration's cost is
+their mix: at probe interval M and sharpness interval N, (sharp + (N - 1) plain) / N + (probe - sharp) / M, the
+probe's extra time measured on the configurations that probe every step.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated per configuration in this process; on CPU, the peak
 resident set size of a fresh subprocess per configuration (`--memory`), which includes the interpreter and
@@ -36,7 +38,11 @@ CONFIGS = {
     "sam": dict(optim="sam"),
     "xsam": dict(optim="xsam", xsam_alpha_update_steps=DEFAULT_INTERVAL),
     "xsam_every_step": dict(optim="xsam", xsam_alpha_update_steps=1),
+    "xsam_fast_every_step": dict(optim="xsam", xsam_alpha_update_steps=1, xsam_probe_search="fast"),
+    "xsam_interval_2": dict(optim="xsam", xsam_alpha_update_steps=DEFAULT_INTERVAL, xsam_interval=2),
+    "xsam_interval_5": dict(optim="xsam", xsam_alpha_update_steps=DEFAULT_INTERVAL, xsam_interval=5),
 }
+MEMORY_CONFIGS = ("adamw", "sam", "xsam", "xsam_every_step")
 
 
 def build(model_name: str, batch_size: int, seq_len: int, device: str):
@@ -84,9 +90,16 @@ def one_step(trainer: XSAMTrainer, batch, device: str) -> float:
     return time.perf_counter() - start
 
 
+def step_kind(trainer: XSAMTrainer) -> str:
+    if not trainer.args.xsam_enabled:
+        return "sharp"  # AdamW: one class
+    if trainer.xsam.probe_due:
+        return "probe"
+    return "sharp" if trainer.xsam.sharpness_due else "plain"
+
+
 def measure_times(args) -> dict:
-    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
-    probe_times: list[float] = []
+    times: dict[str, dict[str, list[float]]] = {name: {"probe": [], "sharp": [], "plain": []} for name in CONFIGS}
     trainers = {}
     for name in CONFIGS:
         model, batch = build(args.model, args.batch_size, args.seq_len, args.device)
@@ -95,10 +108,28 @@ def measure_times(args) -> dict:
     for _ in range(args.rounds):
         for name, trainer in trainers.items():
             for _ in range(args.steps):
-                probing = name != "adamw" and trainer.xsam.probe_due
-                seconds = one_step(trainer, batch, args.device)
-                (probe_times if probing else times[name]).append(seconds)
-    return {"times": times, "probe_times": probe_times}
+                kind = step_kind(trainer)
+                times[name][kind].append(one_step(trainer, batch, args.device))
+    return times
+
+
+def per_step_costs(times: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """Each configuration's seconds per optimizer step at its intervals, and the probe's extra seconds per
+    search (over a sharpness-aware step), from the class medians."""
+    med = {name: {kind: statistics.median(v) for kind, v in kinds.items() if v} for name, kinds in times.items()}
+    probe_extra = {"grid": med["xsam_every_step"]["probe"] - med["xsam"]["sharp"],
+                   "fast": med["xsam_fast_every_step"]["probe"] - med["xsam"]["sharp"]}
+    cost = {}
+    for name, settings in CONFIGS.items():
+        if name.endswith("every_step"):
+            cost[name] = med[name]["probe"]
+            continue
+        n = settings.get("xsam_interval", 1)
+        sharp, plain = med[name]["sharp"], med[name].get("plain", 0.0)
+        cost[name] = (sharp + (n - 1) * plain) / n
+        if settings["optim"] == "xsam":
+            cost[name] += probe_extra[settings.get("xsam_probe_search", "grid")] / settings["xsam_alpha_update_steps"]
+    return cost, probe_extra
 
 
 def peak_memory_mb(args, name: str) -> float:
@@ -141,21 +172,18 @@ def main() -> None:
     torch.manual_seed(0)
 
     measured = measure_times(args)
-    med = {name: statistics.median(v) for name, v in measured["times"].items() if v}
-    probe_step = statistics.median(measured["probe_times"])
-    probe_extra = probe_step - med["xsam"]
-    med["xsam"] = med["xsam"] + probe_extra / DEFAULT_INTERVAL
-    med["xsam_every_step"] = probe_step
-    memory = {name: peak_memory_mb(args, name) for name in CONFIGS} if args.memory else {}
+    med, probe_extra = per_step_costs(measured)
+    memory = {name: peak_memory_mb(args, name) for name in MEMORY_CONFIGS} if args.memory else {}
 
     print(f"model={args.model} device={args.device} bf16={args.bf16} batch={args.batch_size} "
           f"seq={args.seq_len} rounds={args.rounds}x{args.steps} probe interval (default)={DEFAULT_INTERVAL}")
-    print(f"{'config':<18}{'s/step':>9}{'vs adamw':>10}{'vs sam':>8}" + (f"{'peak MB':>10}" if memory else ""))
+    print(f"{'config':<22}{'s/step':>9}{'vs adamw':>10}{'vs sam':>8}" + (f"{'peak MB':>10}" if memory else ""))
     for name in CONFIGS:
-        row = f"{name:<18}{med[name]:>9.3f}{med[name] / med['adamw']:>10.3f}{med[name] / med['sam']:>8.3f}"
-        print(row + (f"{memory[name]:>10.0f}" if memory else ""))
-    print(f"probe alone: {probe_extra:.3f} s = {probe_extra / med['sam']:.2f} SAM steps; "
-          f"xsam/sam at interval N = 1 + {probe_extra / med['sam']:.2f}/N")
+        row = f"{name:<22}{med[name]:>9.3f}{med[name] / med['adamw']:>10.3f}{med[name] / med['sam']:>8.3f}"
+        print(row + (f"{memory[name]:>10.0f}" if name in memory else ""))
+    for search, extra in probe_extra.items():
+        print(f"{search} probe alone: {extra:.3f} s = {extra / med['sam']:.2f} SAM steps; "
+              f"xsam/sam at probe interval M = 1 + {extra / med['sam']:.2f}/M")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "median_s": med, "probe_extra_s": probe_extra, "peak_mb": memory,
