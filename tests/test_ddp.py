@@ -31,6 +31,14 @@ CONFIGS = {
                         max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2, dropout=0.1),
     "global_adamw": dict(optim="xsam", xsam_rho=0.2, xsam_alpha_update_steps=2, max_steps=4,
                          per_device_train_batch_size=4, gradient_accumulation_steps=2, dropout=0.1),
+    # the fast search reduces each of its stages across processes: still 1 process with batch 8
+    "global_sgd_fast": dict(optim="xsam", xsam_base_optim="sgd", learning_rate=0.5, xsam_rho=0.2,
+                            xsam_alpha_update_steps=1, xsam_probe_search="fast", max_steps=3,
+                            per_device_train_batch_size=4, lr_scheduler_type="constant"),
+    # every beyond-the-paper option at once, with dropout and accumulation: ranks identical, angle agrees
+    "global_options": dict(optim="xsam", xsam_rho=0.2, xsam_alpha_update_steps=2, xsam_interval=2,
+                           xsam_probe_search="fast", xsam_probe_space="angle", xsam_probe_batches=2, max_steps=5,
+                           per_device_train_batch_size=4, gradient_accumulation_steps=2, dropout=0.1),
 }
 
 
@@ -57,7 +65,7 @@ def test_ranks_stay_bitwise_identical_and_agree_on_alpha(ddp_results, name):
     assert len(rank0["probes"]) >= 2
 
 
-@pytest.mark.parametrize("name", ["global_sgd", "global_accum"])
+@pytest.mark.parametrize("name", ["global_sgd", "global_accum", "global_sgd_fast"])
 def test_global_mode_equals_one_process_with_the_double_batch(ddp_results, tmp_path, name):
     config = dict(CONFIGS[name], per_device_train_batch_size=8)
     model = tiny_bert(dropout=0.0)
@@ -72,6 +80,13 @@ def test_global_mode_equals_one_process_with_the_double_batch(ddp_results, tmp_p
     for ours, theirs in zip(rank0["probes"], single_probes):
         torch.testing.assert_close(torch.tensor(ours["xsam/probe_losses"]),
                                    torch.tensor(theirs["xsam/probe_losses"]), rtol=1e-5, atol=1e-6)
+
+
+def test_options_probe_on_sharpness_steps_and_agree_on_the_angle(ddp_results):
+    rank0, rank1 = ddp_results["global_options"]
+    assert [p["step"] for p in rank0["probes"]] == [1, 3, 5]  # sharpness-aware steps 0, 2, 4 (logged 1-based)
+    assert [p["xsam/angle"] for p in rank0["probes"]] == [p["xsam/angle"] for p in rank1["probes"]]
+    assert all(len(p["xsam/probe_losses"]) <= 8 for p in rank0["probes"])
 
 
 def test_local_and_global_perturbations_differ(ddp_results):
