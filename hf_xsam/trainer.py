@@ -261,6 +261,8 @@ class XSAMTrainer(Trainer):
         method = "SAM (alpha fixed at 1)" if self.args.optim == "sam" else "XSAM"
         rows = [("method", method), ("base optimizer", self.args.xsam_base_optim)]
         rows += [(k, v if v is not None else f"{2 * kwargs['rho']} (2 * rho)") for k, v in kwargs.items()]
+        if self.args.optim == "xsam":
+            rows.append(("probe_batches", self.args.xsam_probe_batches))
         if self.optimizer is not None:
             rows.append(("final alpha", self.xsam.alpha))
         lines = [

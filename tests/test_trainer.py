@@ -231,6 +231,8 @@ def test_model_card_tags_and_hyperparameters(tmp_path, optim):
     assert f"- {optim}" in header
     assert "| rho | 0.07 |" in card
     assert "| base optimizer | adamw_torch |" in card
+    assert "| interval | 1 |" in card
+    assert ("| probe_batches | 1 |" in card) == (optim == "xsam")
 
 
 def test_evaluation_during_training(tmp_path):
