@@ -271,11 +271,13 @@ class XSAM(Optimizer):
     ) -> DirectionInfo:
         """Turn g_k (in ``.grad``, weights at theta_k) into the XSAM direction d, restore theta_0 bitwise.
 
-        probe_fn: when given, alpha is re-chosen first: ``probe_fn()`` is called once per grid point with the
-            weights at theta_0 + rho_max v(alpha) and must return the loss on the step's batch (no backward,
-            the same dropout masks every call). Pass it only when ``probe_due`` (``step(closure)`` does).
-        reduce_losses: applied to the vector of all probe losses before the argmax, e.g. an all-reduce mean
-            across processes, so that every rank picks the same alpha with one collective per probe.
+        probe_fn: when given, alpha is re-chosen first: ``probe_fn()`` is called once per probe point the search
+            evaluates (all 21 by default; at most 8 with ``probe_search="fast"``) with the weights at
+            theta_0 + rho_max v(alpha) and must return the loss on the step's batch (no backward, the same
+            dropout masks every call). Pass it only when ``probe_due`` (``step(closure)`` does).
+        reduce_losses: applied to each stage's vector of probe losses before any decision, e.g. an all-reduce
+            mean across processes, so that every rank picks the same alpha (one collective per stage: one for
+            the grid, three for the fast search).
         """
         if self._get("rho") == 0 or not self._active:
             return DirectionInfo(psi=None, alpha=self.alpha)  # nothing moved: .grad already holds g_0
