@@ -38,6 +38,7 @@ CONFIGS = {
     "sam": dict(optim="sam"),
     "xsam": dict(optim="xsam", xsam_alpha_update_steps=DEFAULT_INTERVAL),
     "xsam_every_step": dict(optim="xsam", xsam_alpha_update_steps=1),
+    "xsam_fast": dict(optim="xsam", xsam_alpha_update_steps=DEFAULT_INTERVAL, xsam_probe_search="fast"),
     "xsam_fast_every_step": dict(optim="xsam", xsam_alpha_update_steps=1, xsam_probe_search="fast"),
     "xsam_interval_2": dict(optim="xsam", xsam_alpha_update_steps=DEFAULT_INTERVAL, xsam_interval=2),
     "xsam_interval_5": dict(optim="xsam", xsam_alpha_update_steps=DEFAULT_INTERVAL, xsam_interval=5),
