@@ -23,12 +23,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"text": "examples/text_classification.py", "digits": "examples/image_classification.py"}
+from compare import SCRIPTS
+from compare import run as run_example  # the same subprocess run and results.json fields
+
 DEFAULT_STEPS = {"text": 140, "digits": 300}
 
 
@@ -118,20 +116,10 @@ class Store:
     def run(self, optim, rho, seed, steps) -> dict:
         key = self.key(optim, rho, seed, steps)
         if key not in self.data["runs"]:
-            with tempfile.TemporaryDirectory() as out:
-                command = [sys.executable, os.path.join(ROOT, SCRIPTS[self.task]), "--output_dir", out,
-                           "--optim", optim, "--seed", str(seed), "--max_steps", str(steps),
-                           "--disable_tqdm", "true", *(["--xsam_rho", str(rho)] if rho is not None else []),
-                           *self.extra]
-                print("$", " ".join(command[1:]), flush=True)
-                done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-                if done.returncode != 0:
-                    raise RuntimeError(f"the run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-                with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
-                    result = json.load(f)
-            keep = ("eval_accuracy", "test_accuracy", "test_macro_f1", "train_loss", "train_runtime_s",
-                    "final_alpha", "mean_psi", "probe_alphas")
-            self.data["runs"][key] = {k: result[k] for k in keep}
+            flags = ["--optim", optim, "--max_steps", str(steps),
+                     *(["--xsam_rho", str(rho)] if rho is not None else []), *self.extra]
+            result = run_example(self.task, flags, seed)
+            self.data["runs"][key] = {k: v for k, v in result.items() if k != "train_steps"}
             print(f"  {label(optim, rho)} seed {seed} steps {steps}: eval {result['eval_accuracy']:.4f} "
                   f"test {result['test_accuracy']:.4f} ({result['train_runtime_s']:.0f} s)", flush=True)
             self.save()
