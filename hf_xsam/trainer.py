@@ -51,8 +51,9 @@ class XSAMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._xsam_logs: dict[str, list] = {"psi": [], "ascent_loss": [], "probe_loss_max": []}
         self._xsam_probed_at: int | None = None
-        self._xsam_recent: collections.deque = collections.deque(maxlen=max(self.args.xsam_probe_batches - 1, 0)
-                                                                  if self._xsam_enabled else 0)
+        # the micro-batches before this one, for a probe averaged over xsam_probe_batches (validated >= 1)
+        keep = self.args.xsam_probe_batches - 1 if self._xsam_enabled else 0
+        self._xsam_recent: collections.deque = collections.deque(maxlen=keep)
         if self._xsam_enabled:
             self._check_xsam_compatible()
 
