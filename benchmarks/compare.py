@@ -1,7 +1,8 @@
 """Accuracy and training time of named option sets of an example, over seeds, side by side.
 
     python benchmarks/compare.py --task digits --seeds 0 1 2 3 4 --json benchmarks/results/interval_digits.json \
-        --config "N=1:--xsam_interval 1" --config "N=2:--xsam_interval 2" --config "N=5:--xsam_interval 5"
+        --config "N=1:--xsam_sharpness_every 1" --config "N=2:--xsam_sharpness_every 2" \\
+        --config "N=5:--xsam_sharpness_every 5"
 
 Each --config is "name:flags" (flags for `examples/text_classification.py` or `image_classification.py`, on top of
 its defaults and of the flags after --). Seeds are the outer loop, so the configurations interleave and share the
@@ -27,7 +28,8 @@ SCRIPTS = {"text": "examples/text_classification.py", "digits": "examples/image_
 def parse_config(text: str) -> tuple[str, list[str]]:
     name, sep, flags = text.partition(":")
     if not sep or not name:
-        raise ValueError(f"--config={text!r} is invalid: write it as 'name:flags', e.g. 'N=2:--xsam_interval 2'")
+        raise ValueError(
+            f"--config={text!r} is invalid: write it as 'name:flags', e.g. 'N=2:--xsam_sharpness_every 2'")
     return name, shlex.split(flags)
 
 

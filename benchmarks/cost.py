@@ -7,7 +7,7 @@
 Each configuration gets its own XSAMTrainer driven step by step through `training_step` + `optimizer.step`
 (what Trainer's loop runs per step). Rounds interleave the configurations so that machine noise hits them
 alike; the table quotes medians. Steps are classed as probe steps, sharpness-aware steps and plain steps
-(between sharpness-aware ones, `--xsam_interval`), each class gets its median, and a configuration's cost is
+(between sharpness-aware ones, `--xsam_sharpness_every`), each class gets its median, and a configuration's cost is
 their mix: at probe interval M and sharpness interval N, (sharp + (N - 1) plain) / N + (probe - sharp) / M, the
 probe's extra time measured on the configurations that probe every step.
 
@@ -32,16 +32,16 @@ import torch
 
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 
-DEFAULT_INTERVAL = XSAMTrainingArguments.__dataclass_fields__["xsam_alpha_update_steps"].default
+DEFAULT_INTERVAL = XSAMTrainingArguments.__dataclass_fields__["xsam_probe_every"].default
 CONFIGS = {
     "adamw": dict(optim="adamw_torch"),
     "sam": dict(optim="sam"),
-    "xsam": dict(optim="xsam", xsam_alpha_update_steps=DEFAULT_INTERVAL),
-    "xsam_every_step": dict(optim="xsam", xsam_alpha_update_steps=1),
-    "xsam_fast": dict(optim="xsam", xsam_alpha_update_steps=DEFAULT_INTERVAL, xsam_probe_search="fast"),
-    "xsam_fast_every_step": dict(optim="xsam", xsam_alpha_update_steps=1, xsam_probe_search="fast"),
-    "xsam_interval_2": dict(optim="xsam", xsam_alpha_update_steps=DEFAULT_INTERVAL, xsam_interval=2),
-    "xsam_interval_5": dict(optim="xsam", xsam_alpha_update_steps=DEFAULT_INTERVAL, xsam_interval=5),
+    "xsam": dict(optim="xsam", xsam_probe_every=DEFAULT_INTERVAL),
+    "xsam_every_step": dict(optim="xsam", xsam_probe_every=1),
+    "xsam_fast": dict(optim="xsam", xsam_probe_every=DEFAULT_INTERVAL, xsam_probe_search="fast"),
+    "xsam_fast_every_step": dict(optim="xsam", xsam_probe_every=1, xsam_probe_search="fast"),
+    "xsam_sharpness_every_2": dict(optim="xsam", xsam_probe_every=DEFAULT_INTERVAL, xsam_sharpness_every=2),
+    "xsam_sharpness_every_5": dict(optim="xsam", xsam_probe_every=DEFAULT_INTERVAL, xsam_sharpness_every=5),
 }
 MEMORY_CONFIGS = ("adamw", "sam", "xsam", "xsam_every_step")
 
@@ -125,11 +125,11 @@ def per_step_costs(times: dict) -> tuple[dict[str, float], dict[str, float]]:
         if name.endswith("every_step"):
             cost[name] = med[name]["probe"]
             continue
-        n = settings.get("xsam_interval", 1)
+        n = settings.get("xsam_sharpness_every", 1)
         sharp, plain = med[name]["sharp"], med[name].get("plain", 0.0)
         cost[name] = (sharp + (n - 1) * plain) / n
         if settings["optim"] == "xsam":
-            cost[name] += probe_extra[settings.get("xsam_probe_search", "grid")] / settings["xsam_alpha_update_steps"]
+            cost[name] += probe_extra[settings.get("xsam_probe_search", "grid")] / settings["xsam_probe_every"]
     return cost, probe_extra
 
 

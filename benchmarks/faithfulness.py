@@ -87,7 +87,7 @@ class Landscape:
 
 def xsam_directions(land: Landscape, rho: float):
     """g0, SAM's v1 and XSAM's v(alpha*) as unit vectors, alpha* and psi, computed by hf_xsam.XSAM."""
-    xsam = XSAM(land.params, torch.optim.SGD, rho=rho, lr=0.0, alpha_update_interval=1)
+    xsam = XSAM(land.params, torch.optim.SGD, rho=rho, lr=0.0, probe_every=1)
     g0 = land.grad(torch.zeros_like(land.theta_0))
     xsam.ascent_step()
     land.model.zero_grad(set_to_none=True)
@@ -140,7 +140,7 @@ def run(rho: float, args) -> list[dict]:
     keep = KeepWeights(args.checkpoints)
     keep.states[0] = copy.deepcopy(model.state_dict())
     training_args = XSAMTrainingArguments(
-        output_dir="/tmp/hf_xsam_faithfulness", optim="xsam", xsam_rho=rho, xsam_alpha_update_steps=10,
+        output_dir="/tmp/hf_xsam_faithfulness", optim="xsam", xsam_rho=rho, xsam_probe_every=10,
         learning_rate=5e-5, per_device_train_batch_size=16, max_steps=args.steps, use_cpu=True,
         report_to="none", save_strategy="no", logging_steps=10, seed=args.seed, disable_tqdm=True)
     XSAMTrainer(model=model, args=training_args, train_dataset=train, callbacks=[keep]).train()

@@ -82,7 +82,7 @@ def main() -> None:
     theta_0 = [p.detach().clone() for p in params]
 
     # XSAM's own geometry and probe, through the library
-    xsam = XSAM(params, torch.optim.SGD, rho=args.rho, lr=0.0, alpha_update_interval=1)
+    xsam = XSAM(params, torch.optim.SGD, rho=args.rho, lr=0.0, probe_every=1)
     g0 = flat_grad(model, batch)
     xsam.ascent_step()
     g1 = flat_grad(model, batch)

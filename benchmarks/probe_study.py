@@ -78,7 +78,7 @@ class ProbeStudy(TrainerCallback):
 def probe(model, batches, rho, space, all_batches):
     """One probe of hf_xsam.XSAM at rho (plane from batches[0]); the losses of every point on every batch."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = XSAM(params, torch.optim.SGD, rho=rho, alpha_update_interval=1, probe_space=space, lr=0.0)
+    opt = XSAM(params, torch.optim.SGD, rho=rho, probe_every=1, probe_space=space, lr=0.0)
 
     def loss_on(b):
         torch.manual_seed(10_000 + b)  # batch b's dropout masks, the same at every point

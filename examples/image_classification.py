@@ -53,7 +53,7 @@ TRAINING_DEFAULTS = dict(
     output_dir="outputs/image_classification",
     optim="xsam",
     xsam_rho=0.05,
-    xsam_alpha_update_steps=50,
+    xsam_probe_every=50,
     learning_rate=2e-3,
     weight_decay=0.01,
     max_steps=300,
@@ -84,7 +84,7 @@ class ModelArguments:
     Parameters:
         model_name_or_path (None): a checkpoint folder or Hub id; None = a small ViT built from a config (below),
             with its `ViTImageProcessor`, offline.
-        image_size (8), patch_size (2), hidden_size (64), num_hidden_layers (4): the config-built ViT.
+        image_size (8), patch_size (4), hidden_size (64), num_hidden_layers (2): the config-built ViT.
         num_labels (None): must match the data when given; None takes it from the data.
         ignore_mismatched_sizes (False): let a checkpoint's classification head be replaced by one of the data's size.
     """

@@ -24,9 +24,9 @@ def run(name: str, epochs: int, seed: int, x_train, y_train, x_test, y_test) -> 
     if name == "sgd":
         opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.0, **sgd)
     elif name == "sam":
-        opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.15, alpha=1.0, **sgd)
+        opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.15, alpha=1.0, probe_every=0, **sgd)
     else:
-        opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.15, alpha_update_interval=10, **sgd)
+        opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.15, probe_every=10, **sgd)
     start = time.perf_counter()
     for _ in range(epochs):
         model.train()
@@ -39,7 +39,7 @@ def run(name: str, epochs: int, seed: int, x_train, y_train, x_test, y_test) -> 
                     loss.backward()
                 return loss
 
-            opt.step(closure, model=model)
+            opt.step(closure)
     model.eval()
     with torch.no_grad():
         acc = (model(x_test).argmax(-1) == y_test).float().mean().item()

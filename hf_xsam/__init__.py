@@ -1,18 +1,38 @@
-"""hf_xsam: XSAM (eXplicit Sharpness-Aware Minimization, Chen & Zhou, ICLR 2026) for PyTorch and Transformers."""
+"""hf_xsam: XSAM (eXplicit Sharpness-Aware Minimization, Chen & Zhou, ICLR 2026) for PyTorch and Transformers.
 
+The optimizer needs only torch: ``from hf_xsam import XSAM`` does not import transformers. The Trainer side is
+imported on first use of its names.
+"""
+
+from hf_xsam.hyperparameters import HYPERPARAMETERS
 from hf_xsam.replay import RNGState, frozen_running_stats
-from hf_xsam.trainer import XSAMTrainer
-from hf_xsam.training_args import XSAMTrainingArguments
 from hf_xsam.xsam import XSAM, DirectionInfo
 
 __version__ = "0.1.0"
 
+# name -> module, for the names that need transformers (PEP 562: loaded when first asked for)
+_TRAINER_SIDE = {
+    "XSAMArgumentsMixin": "hf_xsam.training_args",
+    "XSAMTrainer": "hf_xsam.trainer",
+    "XSAMTrainingArguments": "hf_xsam.training_args",
+}
+
 __all__ = [
+    "HYPERPARAMETERS",
     "XSAM",
     "DirectionInfo",
     "RNGState",
+    "XSAMArgumentsMixin",
     "XSAMTrainer",
     "XSAMTrainingArguments",
     "__version__",
     "frozen_running_stats",
 ]
+
+
+def __getattr__(name: str):
+    if name in _TRAINER_SIDE:
+        import importlib
+
+        return getattr(importlib.import_module(_TRAINER_SIDE[name]), name)
+    raise AttributeError(f"module 'hf_xsam' has no attribute {name!r}")

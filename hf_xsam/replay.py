@@ -3,7 +3,7 @@
 XSAM evaluates one minibatch several times (theta_0, the ascent points, the probe points). Two things
 must not differ between those passes, or the method measures noise instead of the loss landscape:
 the random numbers (dropout masks) and BatchNorm's running statistics, which only the theta_0 pass
-may update (shared/XSAM.md, steps 7 and 8).
+may update (docs/algorithm.md, "Every pass sees the same batch").
 """
 
 from __future__ import annotations
@@ -43,22 +43,27 @@ class RNGState:
 
 
 @contextlib.contextmanager
-def frozen_running_stats(model: nn.Module | None) -> Iterator[None]:
-    """Inside the block, BatchNorm layers in training mode normalise with the batch statistics, as usual,
-    but leave ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched.
+def frozen_running_stats() -> Iterator[None]:
+    """Inside the block, every BatchNorm layer that runs in training mode normalises with the batch statistics, as
+    usual, but leaves ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched.
 
-    ``model=None`` is allowed and does nothing, so callers need not special-case models without BatchNorm.
+    The layers are found as they run (a global forward pre-hook), so no model needs to be named: a closure that
+    calls any module, however it reaches it, is covered.
     """
     # track_running_stats=False in training mode is exactly "use batch stats, update nothing" in
     # _BatchNorm.forward; momentum=0 would still bump num_batches_tracked and turn NaN stats into NaN buffers.
-    toggled = []
-    if model is not None:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                module.track_running_stats = False
-                toggled.append(module)
+    toggled: set[nn.Module] = set()
+
+    def freeze(module: nn.Module, args) -> None:
+        bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if bn and module.training and module.track_running_stats:
+            module.track_running_stats = False
+            toggled.add(module)
+
+    handle = nn.modules.module.register_module_forward_pre_hook(freeze)
     try:
         yield
     finally:
+        handle.remove()
         for module in toggled:
             module.track_running_stats = True

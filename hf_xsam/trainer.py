@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 
+from hf_xsam.hyperparameters import HYPERPARAMETERS, PREFIX
 from hf_xsam.replay import RNGState, frozen_running_stats
 from hf_xsam.training_args import XSAMTrainingArguments
 from hf_xsam.xsam import XSAM
@@ -129,6 +130,7 @@ class XSAMTrainer(Trainer):
         if not self._xsam_enabled:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
+        self.xsam.train()  # a schedule-free base optimizer must be in train mode for its step
         inputs = self._prepare_inputs(inputs)
         params = [p for group in self.xsam.param_groups for p in group["params"]]
         ddp = model if isinstance(model, DistributedDataParallel) else None
@@ -158,7 +160,7 @@ class XSAMTrainer(Trainer):
         devices = {p.device for group in xsam.param_groups for p in group["params"]}
         rng_start = RNGState.capture(devices)
         loss = self._xsam_pass(model, inputs, scale)
-        if not xsam.sharpness_due:  # rho = 0, or a plain step between sharpness-aware ones (xsam_interval)
+        if not xsam.sharpness_due:  # rho = 0, or a plain step between sharpness-aware ones (xsam_sharpness_every)
             self._remember(inputs)
             return loss
         rng_after = RNGState.capture(devices)
@@ -167,7 +169,7 @@ class XSAMTrainer(Trainer):
             xsam.ascent_step()
             xsam.zero_grad(set_to_none=True)
             rng_start.restore()
-            with frozen_running_stats(model):
+            with frozen_running_stats():
                 ascent_loss = self._xsam_pass(model, inputs, scale)
 
         probe_fn = None
@@ -177,7 +179,7 @@ class XSAMTrainer(Trainer):
 
             def probe_fn():
                 rng_start.restore()  # every point sees the same masks (per batch, in the same order)
-                with frozen_running_stats(model), self.compute_loss_context_manager():
+                with frozen_running_stats(), self.compute_loss_context_manager():
                     return torch.stack([self._loss(model, batch) for batch in batches]).mean()
 
         reduce = None
@@ -258,12 +260,12 @@ class XSAMTrainer(Trainer):
 
     def _append_xsam_card_section(self) -> None:
         path = os.path.join(self.args.output_dir, "README.md")
-        kwargs = self.args.xsam_kwargs()
         method = "SAM (alpha fixed at 1)" if self.args.optim == "sam" else "XSAM"
-        rows = [("method", method), ("base optimizer", self.args.xsam_base_optim)]
-        rows += [(k, v if v is not None else f"{2 * kwargs['rho']} (2 * rho)") for k, v in kwargs.items()]
-        if self.args.optim == "xsam":
-            rows.append(("probe_batches", self.args.xsam_probe_batches))
+        # the flags' values, with what --optim sam fixes (alpha 1, no probe) as it ran
+        settings = {name: getattr(self.args, PREFIX + name) for name in HYPERPARAMETERS} | self.args.xsam_kwargs()
+        if settings["rho_max"] is None:
+            settings["rho_max"] = f"{2 * settings['rho']} (2 * rho)"
+        rows = [("method", method), *settings.items()]
         if self.optimizer is not None:
             rows.append(("final alpha", self.xsam.alpha))
         lines = [
@@ -273,7 +275,7 @@ class XSAMTrainer(Trainer):
             "Trained with hf_xsam: XSAM, eXplicit Sharpness-Aware "
             "Minimization (Chen & Zhou, ICLR 2026).",
             "",
-            "| hyperparameter | value |",
+            "| setting (flag `--xsam_<setting>`) | value |",
             "| --- | --- |",
             *[f"| {k} | {v} |" for k, v in rows],
             "",

@@ -1,19 +1,24 @@
 """XSAM: eXplicit Sharpness-Aware Minimization (Chen & Zhou, ICLR 2026, arXiv 2603.10048), in pure PyTorch.
 
-The algorithm is restated in shared/XSAM.md; the symbols below follow it (rho, rho_max, alpha, v0, v1, psi,
+The method is described in docs/algorithm.md; the symbols below follow it (rho, rho_max, alpha, v0, v1, psi,
 theta_0). This module never imports transformers: the Trainer glue sits on top of it.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.optim import Optimizer
 
-from hf_xsam.replay import RNGState, frozen_running_stats
+from hf_xsam.hyperparameters import DEFAULTS, HYPERPARAMETERS, OPTIMIZER_SETTINGS, PREFIX, validate
+from hf_xsam.passes import MicroBatch, PassesInfo, sharpness_passes
+from hf_xsam.replay import RNGState
 
 # Below this sin(psi), v0 and v1 are (anti)parallel: the great circle through them is not unique and
 # the slerp coefficients blow up (1/sin(psi)). The direction then falls back to v1, i.e. SAM's gradient.
@@ -22,16 +27,13 @@ SIN_PSI_MIN = 1e-4
 # probe_space="angle" searches rotation angles from v0 in [0, ANGLE_MAX]: past 90 degrees the direction would
 # have a negative component along the ascent direction, i.e. point downhill at theta_0.
 ANGLE_MAX = math.pi / 2
-PROBE_SEARCHES = ("grid", "fast")
-PROBE_SPACES = ("alpha", "angle")
 
-# Names XSAM adds to every param group, as "xsam_<name>" (the prefix keeps them apart from the base optimizer's
-# own keys: AdamW has an "eps" too). They are global to the optimizer (the norms span every group), live in the
-# groups so that state_dict() carries them, and are kept equal across groups.
-_HYPERPARAMETERS = ("rho", "rho_max", "alpha_max", "alpha_step", "ascent_steps", "alpha_update_interval", "eps",
-                    "interval", "probe_search", "probe_space")
-_COUNTERS = ("alpha", "angle", "step")
-_KEYS = tuple(f"xsam_{name}" for name in _HYPERPARAMETERS + _COUNTERS)
+# Keys XSAM adds to every param group, "xsam_<name>" as the Trainer flags spell them (the prefix keeps them apart
+# from the base optimizer's own keys). They are global to the optimizer (the norms span every group), live in the
+# groups so that state_dict() carries them, and are kept equal across groups. alpha is a setting and a counter:
+# the probe moves it.
+_COUNTERS = ("angle", "step")
+_KEYS = tuple(PREFIX + name for name in OPTIMIZER_SETTINGS + _COUNTERS)
 
 
 @dataclass
@@ -70,11 +72,11 @@ class XSAM(Optimizer):
 
         loss = opt.step(closure)  # the loss at theta_0
 
-    One step (shared/XSAM.md): gradient g_0 at theta_0; ``ascent_steps`` (k) normalised ascent steps of
+    One step (docs/algorithm.md): gradient g_0 at theta_0; ``ascent_steps`` (k) normalised ascent steps of
     length rho/k; gradient g_k at theta_k; v0 = (theta_k - theta_0)/||.||, v1 = g_k/||g_k||,
     psi = arccos<v0, v1>; direction d = ||g_k|| v(alpha) with v(alpha) the slerp from v0 through v1; the
     weights go back to theta_0 bitwise and the base optimizer steps with d as the gradient. Every
-    ``alpha_update_interval`` steps alpha is re-chosen by probing the loss at theta_0 + rho_max v(alpha) for
+    ``probe_every`` steps alpha is re-chosen by probing the loss at theta_0 + rho_max v(alpha) for
     alpha in {0, alpha_step, ..., alpha_max} and keeping the argmax (ties: the smaller alpha).
     alpha = 1 without probing is exactly SAM; rho = 0 is exactly the base optimizer.
 
@@ -83,15 +85,15 @@ class XSAM(Optimizer):
         base_optimizer: an optimizer class (built with ``params`` and ``**base_kwargs``) or an optimizer instance.
         rho (0.05): total ascent length.
         rho_max (2 * rho): radius of the probe points.
-        alpha (1.0): the initial alpha, or the fixed one when ``alpha_update_interval`` is 0.
+        alpha (1.0): the initial alpha, or the fixed one when ``probe_every`` is 0.
         alpha_max (2.0): the probe grid's upper end.
         alpha_step (0.1): the probe grid's spacing (the paper's delta).
         ascent_steps (1): k, the number of ascent steps.
-        alpha_update_interval (0): optimizer steps between probes; 0 never probes. Probes run on steps
-            0, N, 2N, ... (counted by ``step()``); with ``interval`` > 1, on the first sharpness-aware step at
-            or after each of them.
-        interval (1): a sharpness-aware step every ``interval`` optimizer steps (0, interval, 2 interval, ...),
-            a plain base-optimizer step from one gradient in between (MosaicML Composer's SAM ``interval``).
+        probe_every (200): optimizer steps between probes; 0 never probes. Probes run on steps
+            0, N, 2N, ... (counted by ``step()``); with ``sharpness_every`` > 1, on the first sharpness-aware
+            step at or after each of them.
+        sharpness_every (1): a sharpness-aware step every N optimizer steps (0, N, 2N, ...), a plain
+            base-optimizer step from one gradient in between (MosaicML Composer's SAM ``interval``).
         probe_search ("grid"): "grid" evaluates every probe point (the paper); "fast" evaluates at most 8 of
             them: 5 evenly spaced, the 2 midpoints around the best, then the vertex of a parabola through the
             best and its neighbours (beyond the paper; see benchmarks/RESULTS.md for its agreement with "grid").
@@ -99,11 +101,14 @@ class XSAM(Optimizer):
             probes the same number of rotation angles from v0, evenly over [0, pi/2], whatever psi is, so the
             search does not clip when the maximum lies past alpha_max * psi; the chosen angle (not alpha) is
             then held until the next probe (beyond the paper).
-        norm_eps (1e-12): the spec's eps, added to every norm (named apart from the base optimizer's own ``eps``,
-            which ``**base_kwargs`` passes through). Norms and dot products are accumulated in float32 (float64 for
-            float64 parameters), so this is safe for bf16/fp16 parameters too.
+        norm_eps (1e-12): the method's eps, added to every norm (named apart from the base optimizer's own
+            ``eps``, which ``**base_kwargs`` passes through). Norms and dot products are accumulated in float32
+            (float64 for float64 parameters), so this is safe for bf16/fp16 parameters too.
         foreach (None): use the ``torch._foreach_*`` kernels (default) or the per-parameter loop that
             they mirror.
+
+    The settings and their checks are the table in `hf_xsam.hyperparameters`; they are stored in every param
+    group as ``xsam_<name>``, the spelling of the Trainer's flags.
 
     Memory: one persistent buffer the size of the parameters that receive gradients (theta_0, kept between
     steps so it is allocated once; not in ``state_dict()``), beyond the base optimizer's own state. A probe
@@ -127,33 +132,33 @@ class XSAM(Optimizer):
         self,
         params: Iterable | None,
         base_optimizer: type[Optimizer] | Optimizer,
-        rho: float = 0.05,
-        rho_max: float | None = None,
-        alpha: float = 1.0,
-        alpha_max: float = 2.0,
-        alpha_step: float = 0.1,
-        ascent_steps: int = 1,
-        alpha_update_interval: int = 0,
-        norm_eps: float = 1e-12,
-        interval: int = 1,
-        probe_search: str = "grid",
-        probe_space: str = "alpha",
+        rho: float = DEFAULTS["rho"],
+        rho_max: float | None = DEFAULTS["rho_max"],
+        alpha: float = DEFAULTS["alpha"],
+        alpha_max: float = DEFAULTS["alpha_max"],
+        alpha_step: float = DEFAULTS["alpha_step"],
+        ascent_steps: int = DEFAULTS["ascent_steps"],
+        probe_every: int = DEFAULTS["probe_every"],
+        sharpness_every: int = DEFAULTS["sharpness_every"],
+        probe_search: str = DEFAULTS["probe_search"],
+        probe_space: str = DEFAULTS["probe_space"],
+        norm_eps: float = DEFAULTS["norm_eps"],
         foreach: bool | None = None,
         **base_kwargs,
     ):
+        settings = dict(rho=rho, rho_max=rho_max, alpha=alpha, alpha_max=alpha_max, alpha_step=alpha_step,
+                        ascent_steps=ascent_steps, probe_every=probe_every, sharpness_every=sharpness_every,
+                        probe_search=probe_search, probe_space=probe_space, norm_eps=norm_eps)
+        validate(settings)
         if rho_max is None:
-            rho_max = 2 * rho
-        _validate(rho=rho, rho_max=rho_max, alpha=alpha, alpha_max=alpha_max, alpha_step=alpha_step,
-                  ascent_steps=ascent_steps, alpha_update_interval=alpha_update_interval, norm_eps=norm_eps,
-                  interval=interval, probe_search=probe_search, probe_space=probe_space)
+            settings["rho_max"] = 2 * rho
         base = _build_base(params, base_optimizer, base_kwargs)
         for group in base.param_groups:
             _refuse_group_settings(group)
-        defaults = dict(xsam_rho=float(rho), xsam_rho_max=float(rho_max), xsam_alpha=float(alpha),
-                        xsam_alpha_max=float(alpha_max), xsam_alpha_step=float(alpha_step),
-                        xsam_ascent_steps=int(ascent_steps), xsam_alpha_update_interval=int(alpha_update_interval),
-                        xsam_eps=float(norm_eps), xsam_interval=int(interval), xsam_probe_search=probe_search,
-                        xsam_probe_space=probe_space, xsam_angle=None, xsam_step=0)
+        # a float setting given as an int (rho=1) is stored as a float, so state_dict() round-trips its type
+        defaults = {PREFIX + name: float(value) if isinstance(value, int) and HYPERPARAMETERS[name].type is not int
+                    else value for name, value in settings.items()}
+        defaults.update(xsam_angle=None, xsam_step=0)
         # Optimizer.__init__ adds our defaults to the base optimizer's own group dicts; then we share its
         # groups and state, so schedulers, state_dict() and the base step all see one set.
         super().__init__(base.param_groups, defaults)
@@ -163,6 +168,9 @@ class XSAM(Optimizer):
         self.foreach = True if foreach is None else bool(foreach)
         self._theta_0: dict[torch.Tensor, torch.Tensor] = {}  # the one persistent buffer, per parameter
         self._active: list[torch.Tensor] = []  # parameters perturbed in the current step
+        self._warned_plain_closure = False
+        self._window: list[MicroBatch] = []  # the micro-batches of the step in progress (`backward`)
+        self.last_step_info: PassesInfo | None = None  # what the latest step's passes measured
 
     # ------------------------------------------------------------------ hyperparameters and counters
     def _get(self, name: str):
@@ -196,17 +204,18 @@ class XSAM(Optimizer):
 
     @property
     def sharpness_due(self) -> bool:
-        """True when this optimizer step is sharpness-aware (steps 0, interval, 2 interval, ...); the others are
+        """True when this optimizer step is sharpness-aware (steps 0, N, 2N, ... with N = sharpness_every); the
+        others are
         plain base-optimizer steps. False whenever rho = 0."""
-        return self._get("rho") > 0 and self._get("step") % self._get("interval") == 0
+        return self._get("rho") > 0 and self._get("step") % self._get("sharpness_every") == 0
 
     @property
     def probe_due(self) -> bool:
         """True when this optimizer step should re-choose alpha: a sharpness-aware step with a multiple of
-        ``alpha_update_interval`` among the ``interval`` steps ending at it (steps 0, N, 2N, ... when every
+        ``probe_every`` among the ``sharpness_every`` steps ending at it (steps 0, N, 2N, ... when every
         step is sharpness-aware)."""
-        every = self._get("alpha_update_interval")
-        return every > 0 and self.sharpness_due and self._get("step") % every < self._get("interval")
+        every = self._get("probe_every")
+        return every > 0 and self.sharpness_due and self._get("step") % every < self._get("sharpness_every")
 
     def probe_grid(self) -> list[float]:
         """The alphas of the probe grid: 0, alpha_step, ..., up to alpha_max (included when on the grid)."""
@@ -227,6 +236,17 @@ class XSAM(Optimizer):
         for key in _KEYS:
             self.param_groups[-1][key] = self.param_groups[0][key]
 
+    def train(self) -> None:
+        """Switch a base optimizer with train/eval modes (the schedule-free ones) to train mode; the Trainer and
+        Accelerate call this before training steps. Otherwise nothing."""
+        if callable(getattr(self.base_optimizer, "train", None)):
+            self.base_optimizer.train()
+
+    def eval(self) -> None:
+        """Switch a base optimizer with train/eval modes to eval mode (its evaluation weights); otherwise nothing."""
+        if callable(getattr(self.base_optimizer, "eval", None)):
+            self.base_optimizer.eval()
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load into the base optimizer (its state and our counters travel in its groups), then re-link."""
         self.base_optimizer.load_state_dict(state_dict)
@@ -236,6 +256,7 @@ class XSAM(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         self._active = []
+        self._window = []
 
     # ------------------------------------------------------------------ the pieces a trainer drives
     @torch.no_grad()
@@ -245,7 +266,7 @@ class XSAM(Optimizer):
         The first call of a step saves theta_0. The gradients are consumed (scaled in place); zero them before
         the next backward. With rho = 0 this does nothing.
         """
-        rho, k, eps = self._get("rho"), self._get("ascent_steps"), self._get("eps")
+        rho, k, eps = self._get("rho"), self._get("ascent_steps"), self._get("norm_eps")
         if rho == 0:
             return
         if not self._active:
@@ -281,24 +302,26 @@ class XSAM(Optimizer):
         """
         if self._get("rho") == 0 or not self._active:
             return DirectionInfo(psi=None, alpha=self.alpha)  # nothing moved: .grad already holds g_0
+        if reduce_losses is None:
+            reduce_losses = _mean_over_processes()
         params = self._active
         grads = _grads(params, fill_missing=True)
         theta_0 = [self._theta_0[p] for p in params]
         info = DirectionInfo(psi=None, alpha=self.alpha)
         if self.alpha != 1.0 or self.angle is not None or probe_fn is not None:
             e = self._displacement(params, theta_0, in_place=probe_fn is None)
-            n_e, n_g, cos_psi = _geometry(e, grads, self._get("eps"), self.foreach)
+            n_e, n_g, cos_psi = _geometry(e, grads, self._get("norm_eps"), self.foreach)
             if probe_fn is not None:
                 probed = self._probe(params, theta_0, e, grads, n_e, n_g, cos_psi, probe_fn, reduce_losses)
                 if probed is not None:
                     info.probe_alphas, info.probe_losses = probed
                 info.alpha = self.alpha
             if self.angle is not None:  # the held angle: alpha = angle / psi of this step, with no host sync
-                a0, a1 = _rotation_coefficients(self.angle, cos_psi, n_e, n_g, self._get("eps"))
+                a0, a1 = _rotation_coefficients(self.angle, cos_psi, n_e, n_g, self._get("norm_eps"))
             else:
-                a0, a1 = _slerp_coefficients(self.alpha, cos_psi, n_e, n_g, self._get("eps"))
+                a0, a1 = _slerp_coefficients(self.alpha, cos_psi, n_e, n_g, self._get("norm_eps"))
             # d = ||g_k|| v(alpha) = a1 g_k + a0 ||g_k||/||e|| e; the ||g_k|| of v1 cancels exactly
-            c0 = a0 * n_g / (n_e + self._get("eps"))
+            c0 = a0 * n_g / (n_e + self._get("norm_eps"))
             if self.foreach:
                 torch._foreach_mul_(grads, a1)
                 torch._foreach_mul_(e, c0)
@@ -315,45 +338,89 @@ class XSAM(Optimizer):
         return info
 
     @torch.no_grad()
-    def step(self, closure: Callable[..., torch.Tensor] | None = None, *, model: torch.nn.Module | None = None):
-        """Without a closure: the base optimizer's step with the gradients now in ``.grad`` (after the pieces,
-        that is the XSAM direction). With a closure: one whole XSAM step, returning the loss at theta_0.
+    def step(self, closure: Callable[..., torch.Tensor] | None = None):
+        """Without a closure: the base optimizer's step with the gradients now in ``.grad`` (after `backward` or
+        the pieces, that is the XSAM direction). With a closure: one whole XSAM step on one batch, returning the
+        loss at theta_0 (the gradients are zeroed first).
 
         Closure contract: ``closure()`` computes the loss on one fixed batch, calls ``loss.backward()`` and
-        returns the loss; ``closure(backward=False)`` returns the loss without calling backward (it runs
-        under ``torch.no_grad()``, for the probe, which pays no backward pass). XSAM zeroes the gradients
-        before every call and replays the random number generators so that every pass sees the dropout
-        masks of the first; afterwards the generators are where a single pass would have left them.
+        returns the loss. A closure that also takes ``backward=False`` and then skips the backward (it runs under
+        ``torch.no_grad()``) lets the probe pay forward passes only; a standard PyTorch closure works too, but
+        each probe point then pays a backward whose gradients are thrown away (warned once).
 
-        model: pass the model when it has BatchNorm layers, so that only the theta_0 pass updates their
-            running statistics.
+        XSAM replays the random number generators so that every pass sees the dropout masks of the first;
+        afterwards the generators are where a single pass would have left them. Only the first pass updates
+        BatchNorm running statistics (the layers are found as they run). Under torch.distributed (DDP), the
+        probe's losses are averaged over the processes, so every rank picks the same alpha.
         """
         if closure is None:
             return self._base_step()
-        devices = {p.device for group in self.param_groups for p in group["params"]}
-        rng_start = RNGState.capture(devices)
         self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = closure()
-        rng_after = RNGState.capture(devices)
-
-        def replay(backward: bool):
-            rng_start.restore()
-            with frozen_running_stats(model):
-                if backward:
-                    self.zero_grad(set_to_none=True)
-                    with torch.enable_grad():
-                        return closure()
-                return closure(backward=False)
-
-        if self.sharpness_due:
-            for _ in range(self.ascent_steps):
-                self.ascent_step()
-                replay(backward=True)
-            self.set_direction((lambda: replay(backward=False)) if self.probe_due else None)
-            rng_after.restore()
+        loss = self.backward(closure)
         self._base_step()
         return loss
+
+    @torch.no_grad()
+    def backward(self, closure: Callable[..., torch.Tensor], *, last: bool = True) -> torch.Tensor:
+        """One micro-batch of a step: its theta_0 pass now (``closure()``, gradients added to ``.grad``); on the
+        step's last micro-batch (``last=True``), the rest of the step's passes over every micro-batch given since
+        the previous step. Then ``.grad`` holds the direction d of the whole batch, the weights are theta_0, and
+        ``step()`` (or Accelerate's ``optimizer.step()``, which unscales fp16 gradients first) takes the base step.
+
+        For custom loops with gradient accumulation; the closure contract is `step`'s, and each closure's loss
+        must be its micro-batch's share of the step's loss (e.g. the mean loss divided by the number of
+        micro-batches), as for plain accumulation. Example with Accelerate::
+
+            with accelerator.accumulate(model):
+                xsam.backward(closure, last=accelerator.sync_gradients)  # instead of accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+
+        Returns the closure's loss at theta_0.
+        """
+        rng = RNGState.capture(self.devices)
+        with torch.enable_grad():
+            loss = closure()
+        self._window.append(MicroBatch(run=partial(self._replay, closure), rng=rng))
+        if last:
+            batches, self._window = self._window, []
+            self.last_step_info = sharpness_passes(self, batches)
+        return loss
+
+    def _replay(self, closure: Callable[..., torch.Tensor], backward: bool) -> torch.Tensor:
+        if backward:
+            with torch.enable_grad():
+                return closure()
+        return self._forward_only(closure)
+
+    @property
+    def devices(self) -> set[torch.device]:
+        """The devices of the parameters (whose random generators the replays rewind)."""
+        return {p.device for group in self.param_groups for p in group["params"]}
+
+    def _forward_only(self, closure: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """The closure's loss at a probe point. A closure without ``backward`` runs its backward anyway: into
+        fresh gradients, thrown away, so that g_k (still needed for the next points) is left alone."""
+        if _takes_backward(closure):
+            return closure(backward=False)
+        if not self._warned_plain_closure:
+            warnings.warn(
+                "XSAM.step(closure): the closure takes no `backward` argument, so each of the probe's points runs "
+                "a backward pass it does not need. Write it as `def closure(backward=True): loss = ...; "
+                "if backward: loss.backward(); return loss` to probe with forward passes only.",
+                stacklevel=4,
+            )
+            self._warned_plain_closure = True
+        params = [p for group in self.param_groups for p in group["params"]]
+        kept = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            with torch.enable_grad():
+                return closure().detach()
+        finally:
+            for p, grad in zip(params, kept):
+                p.grad = grad
 
     def _base_step(self):
         self._active = []
@@ -400,7 +467,7 @@ class XSAM(Optimizer):
         """Evaluate probe_fn at theta_0 + rho_max v(alpha) over the probe points the search picks; set alpha (and
         in the angle space the angle) to the argmax. Returns (alphas, losses) of the evaluated points in
         increasing alpha, or None when the plane is degenerate."""
-        rho_max, eps = self._get("rho_max"), self._get("eps")
+        rho_max, eps = self._get("rho_max"), self._get("norm_eps")
         # Host sync: the plane's geometry, so each point is set with plain scalar axpys (no temporaries).
         geometry = torch.stack([n_e, n_g, cos_psi]).double().cpu()
         n_e_h, n_g_h, cos_h = geometry.unbind()
@@ -511,30 +578,6 @@ def _parabola_vertex(left: int, mid: int, right: int, found: dict[int, float]) -
 
 
 # ---------------------------------------------------------------------- helpers (pure functions)
-def _validate(**values) -> None:
-    def check(name, ok, allowed):
-        if not ok:
-            raise ValueError(f"{name}={values[name]!r} is invalid: {allowed}")
-
-    def finite(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    check("rho", finite(values["rho"]) and values["rho"] >= 0, "must be a finite number >= 0")
-    check("rho_max", finite(values["rho_max"]) and values["rho_max"] >= 0, "must be a finite number >= 0")
-    check("alpha", finite(values["alpha"]), "must be a finite number")
-    check("alpha_max", finite(values["alpha_max"]) and values["alpha_max"] >= 0, "must be a finite number >= 0")
-    check("alpha_step", finite(values["alpha_step"]) and values["alpha_step"] > 0, "must be a finite number > 0")
-    for name in ("ascent_steps", "alpha_update_interval"):
-        value, low = values[name], 1 if name == "ascent_steps" else 0
-        check(name, isinstance(value, int) and not isinstance(value, bool) and value >= low,
-              f"must be an integer >= {low}")
-    check("norm_eps", finite(values["norm_eps"]) and values["norm_eps"] > 0, "must be a finite number > 0")
-    value = values["interval"]
-    check("interval", isinstance(value, int) and not isinstance(value, bool) and value >= 1, "must be an integer >= 1")
-    check("probe_search", values["probe_search"] in PROBE_SEARCHES, f"must be one of {', '.join(PROBE_SEARCHES)}")
-    check("probe_space", values["probe_space"] in PROBE_SPACES, f"must be one of {', '.join(PROBE_SPACES)}")
-
-
 def _refuse_group_settings(group: dict) -> None:
     clash = {key: group[key] for key in sorted(set(group) & set(_KEYS))}
     if clash:
@@ -564,6 +607,31 @@ def _build_base(params, base_optimizer, base_kwargs) -> Optimizer:
         f"base_optimizer={base_optimizer!r} is invalid: must be a torch.optim.Optimizer subclass "
         "(e.g. torch.optim.AdamW) or an instance of one"
     )
+
+
+def _mean_over_processes() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Under torch.distributed with several processes (DDP, or any loop that keeps replicas in step), the probe's
+    losses are averaged over the default group, so that every rank picks the same alpha; None otherwise."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return None
+
+    def mean(losses: torch.Tensor) -> torch.Tensor:
+        losses = losses.clone()
+        torch.distributed.all_reduce(losses)
+        return losses / world
+
+    return mean
+
+
+def _takes_backward(closure: Callable) -> bool:
+    try:
+        parameters = inspect.signature(closure).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature: assume the standard contract
+        return False
+    return any(p.name == "backward" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _grads(params, fill_missing: bool = False) -> list[torch.Tensor]:

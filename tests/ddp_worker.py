@@ -12,7 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _tiny import make_args, text_data, tiny_bert  # noqa: E402
+from helpers import make_args, text_data, tiny_bert  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from hf_xsam import XSAMTrainer  # noqa: E402

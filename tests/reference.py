@@ -1,4 +1,4 @@
-"""Deliberately naive reference implementations, written from shared/XSAM.md and nothing else.
+"""Deliberately naive reference implementations, written from docs/algorithm.md and nothing else.
 
 Everything here is the slow, literal version: all parameters with a gradient are flattened into one float64
 vector (torch.cat), theta_0, v0 and v1 are explicit full copies, every probe point reads its loss with
@@ -121,7 +121,7 @@ class FrozenBuffers:
 
 # ---------------------------------------------------------------------- XSAM
 class ReferenceXSAM:
-    """XSAM as shared/XSAM.md states it, around a base optimizer instance that owns the parameters."""
+    """XSAM as docs/algorithm.md states it, around a base optimizer instance that owns the parameters."""
 
     def __init__(
         self,
@@ -132,7 +132,7 @@ class ReferenceXSAM:
         alpha_max: float = 2.0,
         alpha_step: float = 0.1,
         ascent_steps: int = 1,
-        alpha_update_interval: int = 0,
+        probe_every: int = 0,
         eps: float = 1e-12,
     ):
         self.base = base
@@ -142,7 +142,7 @@ class ReferenceXSAM:
         self.alpha = alpha
         self.grid = probe_grid(alpha_step, alpha_max)
         self.k = ascent_steps
-        self.interval = alpha_update_interval
+        self.interval = probe_every
         self.eps = eps
         self.t = 0  # optimizer steps taken
         self.last_probe_losses: list[float] | None = None

@@ -6,13 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _tiny import tiny_bert, train
+from helpers import tiny_bert, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_plot_training_draws_alpha_psi_and_losses(tmp_path):
-    trainer = train(tiny_bert(), tmp_path, optim="xsam", xsam_rho=0.3, xsam_alpha_update_steps=2, max_steps=4)
+    trainer = train(tiny_bert(), tmp_path, optim="xsam", xsam_rho=0.3, xsam_probe_every=2, max_steps=4)
     trainer.state.save_to_json(str(tmp_path / "trainer_state.json"))
     out = tmp_path / "training.png"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_training.py"),

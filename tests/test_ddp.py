@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from _tiny import make_args, text_data, tiny_bert
+from helpers import make_args, text_data, tiny_bert
 
 from hf_xsam import XSAMTrainer
 
@@ -19,24 +19,24 @@ pytestmark = pytest.mark.slow
 CONFIGS = {
     # global perturbation, SGD: must equal 1 process with batch 8
     "global_sgd": dict(optim="xsam", xsam_base_optim="sgd", learning_rate=0.5, xsam_rho=0.2,
-                       xsam_alpha_update_steps=2, max_steps=4, per_device_train_batch_size=4,
+                       xsam_probe_every=2, max_steps=4, per_device_train_batch_size=4,
                        lr_scheduler_type="constant"),
     # global, accumulation 2, average_tokens_across_devices off: still 1 process with batch 8
     "global_accum": dict(optim="xsam", xsam_base_optim="sgd", learning_rate=0.5, xsam_rho=0.2,
-                         xsam_alpha_update_steps=1, max_steps=3, per_device_train_batch_size=4,
+                         xsam_probe_every=1, max_steps=3, per_device_train_batch_size=4,
                          gradient_accumulation_steps=2, lr_scheduler_type="constant",
                          average_tokens_across_devices=False),
     # local perturbation, AdamW, dropout, accumulation: ranks identical, alpha agrees
-    "local_adamw": dict(optim="xsam", xsam_perturbation="local", xsam_rho=0.2, xsam_alpha_update_steps=2,
+    "local_adamw": dict(optim="xsam", xsam_perturbation="local", xsam_rho=0.2, xsam_probe_every=2,
                         max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2, dropout=0.1),
-    "global_adamw": dict(optim="xsam", xsam_rho=0.2, xsam_alpha_update_steps=2, max_steps=4,
+    "global_adamw": dict(optim="xsam", xsam_rho=0.2, xsam_probe_every=2, max_steps=4,
                          per_device_train_batch_size=4, gradient_accumulation_steps=2, dropout=0.1),
     # the fast search reduces each of its stages across processes: still 1 process with batch 8
     "global_sgd_fast": dict(optim="xsam", xsam_base_optim="sgd", learning_rate=0.5, xsam_rho=0.2,
-                            xsam_alpha_update_steps=1, xsam_probe_search="fast", max_steps=3,
+                            xsam_probe_every=1, xsam_probe_search="fast", max_steps=3,
                             per_device_train_batch_size=4, lr_scheduler_type="constant"),
     # every beyond-the-paper option at once, with dropout and accumulation: ranks identical, angle agrees
-    "global_options": dict(optim="xsam", xsam_rho=0.2, xsam_alpha_update_steps=2, xsam_interval=2,
+    "global_options": dict(optim="xsam", xsam_rho=0.2, xsam_probe_every=2, xsam_sharpness_every=2,
                            xsam_probe_search="fast", xsam_probe_space="angle", xsam_probe_batches=2, max_steps=5,
                            per_device_train_batch_size=4, gradient_accumulation_steps=2, dropout=0.1),
 }
@@ -47,7 +47,7 @@ def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(__file__))
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            worker, str(out), json.dumps(CONFIGS)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

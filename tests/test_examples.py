@@ -38,7 +38,7 @@ needs_datasets = pytest.mark.skipif(not _installed("datasets"), reason="pip inst
 QUIET = ["--disable_tqdm", "true", "--logging_steps", "1"]
 TINY_TEXT = ["--max_steps", "3", "--per_device_train_batch_size", "8", "--max_seq_length", "32",
              "--max_train_samples", "64", "--max_eval_samples", "24", "--max_test_samples", "24",
-             "--xsam_alpha_update_steps", "2", *QUIET]
+             "--xsam_probe_every", "2", *QUIET]
 
 
 def check_results(results: dict, output_dir: str, optim: str, num_labels: int, probe_interval: int = 50) -> None:
@@ -56,7 +56,7 @@ def check_results(results: dict, output_dir: str, optim: str, num_labels: int, p
     if optim in ("xsam", "sam"):
         assert 0.0 <= results["final_alpha"] <= 2.0
         assert "- xsam" in card and f"- {optim}" in card  # the card's tags
-        assert "## Sharpness-aware training" in card and "| base optimizer | adamw_torch |" in card
+        assert "## Sharpness-aware training" in card and "| base_optim | adamw_torch |" in card
         assert f"| final alpha | {results['final_alpha']} |" in card
         if optim == "xsam":
             assert 0.0 <= results["mean_psi"] <= math.pi
@@ -111,7 +111,7 @@ def test_text_example_tweets_xsam(tmp_path):
 
     with open(os.path.join(out, "README.md"), encoding="utf-8") as f:
         card = f.read()
-    assert "| rho | 0.02 |" in card and "| alpha_update_interval | 2 |" in card  # the script's default rho
+    assert "| rho | 0.02 |" in card and "| probe_every | 2 |" in card  # the script's default rho
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
 
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
@@ -149,7 +149,7 @@ def test_image_example_digits_xsam(tmp_path):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     out = str(tmp_path / "out")
-    results = image_classification.main(["--output_dir", out, "--max_steps", "6", "--xsam_alpha_update_steps", "3",
+    results = image_classification.main(["--output_dir", out, "--max_steps", "6", "--xsam_probe_every", "3",
                                          *QUIET])
     check_results(results, out, "xsam", 10, probe_interval=3)
     assert results["split_sizes"] == {"train": 1437, "validation": 180, "test": 180}  # all of the 1,797 digits
@@ -350,7 +350,7 @@ def test_image_example_under_accelerate_launch(tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                os.path.join(EXAMPLES, "image_classification.py"), "--output_dir", out, "--max_steps", "3",
-               "--per_device_train_batch_size", "8", "--xsam_alpha_update_steps", "2", "--use_cpu", *QUIET]
+               "--per_device_train_batch_size", "8", "--xsam_probe_every", "2", "--use_cpu", *QUIET]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

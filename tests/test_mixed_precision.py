@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from _tiny import make_args, text_data
+from helpers import make_args, text_data
 from torch import nn
 from transformers import TrainerCallback
 
@@ -59,7 +59,7 @@ def run(tmp_path, overflow_at, trainer_cls=ScaledXSAMTrainer, **overrides):
     initial = [p.detach().clone() for p in model.parameters()]
     ref = []
     snapshots = Snapshots(ref)
-    settings = dict(optim="xsam", xsam_rho=0.2, xsam_alpha=0.5, xsam_alpha_update_steps=0, xsam_base_optim="sgd",
+    settings = dict(optim="xsam", xsam_rho=0.2, xsam_alpha=0.5, xsam_probe_every=0, xsam_base_optim="sgd",
                     learning_rate=0.5, max_steps=4, max_grad_norm=0.0)
     settings.update(overrides)
     trainer = trainer_cls(model=model, args=make_args(tmp_path, **settings), train_dataset=text_data(),
@@ -91,7 +91,7 @@ def test_scaled_run_without_overflow_equals_the_unscaled_run(tmp_path):
     plain = OverflowingClassifier()
     XSAMTrainer(model=plain, train_dataset=text_data(),
                 args=make_args(tmp_path / "b", optim="xsam", xsam_rho=0.2, xsam_alpha=0.5,
-                               xsam_alpha_update_steps=0, xsam_base_optim="sgd", learning_rate=0.5, max_steps=4,
+                               xsam_probe_every=0, xsam_base_optim="sgd", learning_rate=0.5, max_steps=4,
                                max_grad_norm=0.0)).train()
     for a, b in zip(scaled.params[-1], plain.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
@@ -100,7 +100,7 @@ def test_scaled_run_without_overflow_equals_the_unscaled_run(tmp_path):
 
 def test_overflow_at_a_probe_point_is_ignored_by_the_argmax(tmp_path):
     # step 0: theta_0 (0), ascent (1), then 21 probe forwards (2..22); overflow at the probe of alpha = 0.3
-    trainer, _, snap = run(tmp_path, overflow_at=[2 + 3], xsam_alpha_update_steps=10)
+    trainer, _, snap = run(tmp_path, overflow_at=[2 + 3], xsam_probe_every=10)
     probe = next(h for h in trainer.state.log_history if "xsam/probe_losses" in h)
     losses = probe["xsam/probe_losses"]
     assert math.isinf(losses[3]) or math.isnan(losses[3])

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_closure, mlp_batch, mlp_loss
+from helpers import GRID, counting, make_closure, mlp_batch, mlp_loss, small_net
 from reference import flat_grads, flatten, geometry, slerp
 from torch import nn
 
@@ -17,19 +17,6 @@ from hf_xsam.xsam import ANGLE_MAX, fast_search, grid_search
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
-GRID = [round(0.1 * i, 10) for i in range(21)]
-
-
-def counting(model: nn.Module) -> list[int]:
-    """Counts the model's forward passes (a hook on the outermost module)."""
-    count = [0]
-    model.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
-    return count
-
-
-def small_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
 def searched(values: list[float], search=fast_search) -> tuple[dict[int, float], list[list[int]]]:
@@ -100,7 +87,7 @@ def test_grid_search_is_one_stage_over_every_point():
 def probe_once(search: str, space: str = "alpha", rho: float = 0.5, rho_max: float = 0.8):
     model, batch = small_net(), mlp_batch(torch.Generator().manual_seed(1))
     count = counting(model)
-    opt = XSAM(model.parameters(), torch.optim.SGD, rho=rho, rho_max=rho_max, alpha_update_interval=1,
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=rho, rho_max=rho_max, probe_every=1,
                probe_search=search, probe_space=space, lr=0.1)
     mlp_loss(model, batch).backward()
     opt.ascent_step()
@@ -125,7 +112,7 @@ def test_fast_probe_runs_at_most_8_forwards_and_agrees_with_the_grid():
 def test_step_with_fast_probe_counts_forwards():
     model, batch = small_net(), mlp_batch(torch.Generator().manual_seed(1))
     count, probes = counting(model), [0]
-    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.5, alpha_update_interval=2, probe_search="fast", lr=0.1)
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.5, probe_every=2, probe_search="fast", lr=0.1)
     closure = make_closure(model, mlp_loss, batch, probes)
     for _ in range(4):
         opt.step(closure)
@@ -150,7 +137,7 @@ class Plane(nn.Module):
 
 def probe_plane(space: str):
     model = Plane()
-    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho_max=0.2, alpha_update_interval=1,
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho_max=0.2, probe_every=1,
                probe_space=space, lr=0.0)
     model().backward()
     opt.ascent_step()
@@ -180,7 +167,7 @@ def test_angle_space_finds_the_maximum_past_the_alpha_grid():
 def test_angle_space_holds_the_angle_not_alpha():
     model, batches = small_net(), [mlp_batch(torch.Generator().manual_seed(s)) for s in range(3)]
     params = list(model.parameters())
-    opt = XSAM(params, torch.optim.SGD, rho=0.5, alpha_update_interval=10, probe_space="angle", lr=0.1)
+    opt = XSAM(params, torch.optim.SGD, rho=0.5, probe_every=10, probe_space="angle", lr=0.1)
     assert opt.angle is None
     for step, batch in enumerate(batches):
         mlp_loss(model, batch).backward()
@@ -207,7 +194,7 @@ def test_angle_space_holds_the_angle_not_alpha():
 def test_angle_survives_state_dict():
     opt, _ = probe_plane("angle")
     state = copy.deepcopy(opt.state_dict())
-    fresh = XSAM(Plane().parameters(), torch.optim.SGD, rho=0.1, rho_max=0.2, alpha_update_interval=1,
+    fresh = XSAM(Plane().parameters(), torch.optim.SGD, rho=0.1, rho_max=0.2, probe_every=1,
                  probe_space="angle", lr=0.0)
     fresh.load_state_dict(state)
     assert fresh.angle == opt.angle and fresh.alpha == opt.alpha
@@ -219,9 +206,9 @@ def test_interval_alternates_sam_and_plain_steps_bitwise():
     model = small_net()
     ref = copy.deepcopy(model)
     count = counting(model)
-    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.3, interval=3, lr=0.1)
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.3, sharpness_every=3, probe_every=0, lr=0.1)
     # the reference: SAM on steps 0 and 3, a plain SGD step otherwise (SGD without momentum keeps no state)
-    ref_sam = XSAM(ref.parameters(), torch.optim.SGD, rho=0.3, lr=0.1)
+    ref_sam = XSAM(ref.parameters(), torch.optim.SGD, rho=0.3, probe_every=0, lr=0.1)
     ref_sgd = torch.optim.SGD(ref.parameters(), lr=0.1)
     for step, batch in enumerate(batches):
         assert opt.sharpness_due == (step % 3 == 0)
@@ -245,7 +232,7 @@ def test_interval_alternates_sam_and_plain_steps_bitwise():
 ])
 def test_probes_fall_on_sharpness_steps(interval, every, probed):
     model, batch = small_net(), mlp_batch(torch.Generator().manual_seed(1))
-    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.3, interval=interval, alpha_update_interval=every, lr=0.1)
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.3, sharpness_every=interval, probe_every=every, lr=0.1)
     seen = []
     for step in range(13):
         if opt.probe_due:
@@ -255,8 +242,8 @@ def test_probes_fall_on_sharpness_steps(interval, every, probed):
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
-    ("interval", 0, r"interval=0 is invalid: must be an integer >= 1"),
-    ("interval", 1.5, r"interval=1.5 is invalid: must be an integer >= 1"),
+    ("sharpness_every", 0, r"sharpness_every=0 is invalid: must be an integer >= 1"),
+    ("sharpness_every", 1.5, r"sharpness_every=1.5 is invalid: must be an integer >= 1"),
     ("probe_search", "golden", r"probe_search='golden' is invalid: must be one of grid, fast"),
     ("probe_space", "sphere", r"probe_space='sphere' is invalid: must be one of alpha, angle"),
 ])
@@ -267,7 +254,7 @@ def test_bad_options_raise_value_error(name, value, message):
 
 # ---------------------------------------------------------------------- the same options through XSAMTrainer
 def counted_training(tmp_path, **overrides):
-    from _tiny import params_of, tiny_bert, train
+    from helpers import params_of, tiny_bert, train
 
     model = tiny_bert()
     count = counting(model)
@@ -280,7 +267,7 @@ def counted_training(tmp_path, **overrides):
 
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_trainer_interval_runs_one_pass_on_plain_steps(tmp_path, accumulation):
-    trainer, forwards, probes = counted_training(tmp_path, optim="sam", xsam_interval=2, max_steps=4,
+    trainer, forwards, probes = counted_training(tmp_path, optim="sam", xsam_sharpness_every=2, max_steps=4,
                                                  gradient_accumulation_steps=accumulation)
     assert forwards == accumulation * (2 + 1 + 2 + 1) and probes == []
     psi_logged = [h for h in trainer.state.log_history if "xsam/ascent_loss" in h]
@@ -289,7 +276,7 @@ def test_trainer_interval_runs_one_pass_on_plain_steps(tmp_path, accumulation):
 
 def test_trainer_fast_probe_counts_forwards(tmp_path):
     _, forwards, probes = counted_training(tmp_path, optim="xsam", xsam_probe_search="fast",
-                                           xsam_alpha_update_steps=2, max_steps=4)
+                                           xsam_probe_every=2, max_steps=4)
     assert [h["step"] for h in probes] == [1, 3]
     sizes = [len(h["xsam/probe_losses"]) for h in probes]
     assert all(5 <= n <= 8 for n in sizes) and forwards == 4 * 2 + sum(sizes)
@@ -298,17 +285,17 @@ def test_trainer_fast_probe_counts_forwards(tmp_path):
 
 def test_trainer_probe_averages_over_recent_micro_batches(tmp_path):
     _, forwards, probes = counted_training(tmp_path / "three", optim="xsam", xsam_probe_batches=3,
-                                           xsam_alpha_update_steps=2, max_steps=5)
+                                           xsam_probe_every=2, max_steps=5)
     # probes on steps 0, 2, 4: the first has no earlier batch, the others average this one and the 2 before
     assert forwards == 5 * 2 + 21 * (1 + 3 + 3)
-    _, _, single = counted_training(tmp_path / "one", optim="xsam", xsam_alpha_update_steps=2, max_steps=5)
+    _, _, single = counted_training(tmp_path / "one", optim="xsam", xsam_probe_every=2, max_steps=5)
     assert probes[0]["xsam/probe_losses"] == single[0]["xsam/probe_losses"]  # one batch: the same probe
     assert probes[1]["xsam/probe_losses"] != single[1]["xsam/probe_losses"]
 
 
 def test_trainer_angle_space_logs_the_angle(tmp_path):
     trainer, forwards, probes = counted_training(tmp_path, optim="xsam", xsam_probe_space="angle",
-                                                 xsam_alpha_update_steps=3, max_steps=4)
+                                                 xsam_probe_every=3, max_steps=4)
     assert forwards == 4 * 2 + 2 * 21 and len(probes) == 2
     for probe in probes:
         assert 0.0 <= probe["xsam/angle"] <= ANGLE_MAX and len(probe["xsam/probe_alphas"]) == 21

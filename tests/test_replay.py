@@ -78,7 +78,7 @@ def test_frozen_running_stats_normalise_as_usual_and_update_nothing(momentum):
     before = buffers(model)
     x = torch.randn(8, 2, 6, 6)
 
-    with frozen_running_stats(model):
+    with frozen_running_stats():
         out = model(x)
         out.sum().backward()
     expected = reference(x)  # plain training mode: batch statistics, and the buffers move
@@ -101,26 +101,38 @@ def test_frozen_running_stats_leaves_eval_mode_and_untracked_layers_alone():
     untracked = nn.BatchNorm1d(6, track_running_stats=False)
     x = torch.randn(8, 2, 6, 6)
     expected = model(x)
-    with frozen_running_stats(nn.ModuleList([model, untracked])):
+    with frozen_running_stats():
         assert torch.equal(model(x), expected)  # eval mode still normalises with the running statistics
+        untracked(torch.randn(4, 6))
     assert untracked.track_running_stats is False
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
 def test_frozen_running_stats_restores_tracking_after_an_exception():
     model = bn_model()
     with pytest.raises(RuntimeError, match="boom"):
-        with frozen_running_stats(model):
-            assert not model[1].track_running_stats
+        with frozen_running_stats():
+            model(torch.randn(8, 2, 6, 6))
+            assert not model[1].track_running_stats and not model[5].track_running_stats
             raise RuntimeError("boom")
     assert model[1].track_running_stats and model[5].track_running_stats
 
 
-def test_frozen_running_stats_without_a_model_is_a_no_op():
+def test_frozen_running_stats_finds_layers_it_was_not_told_about_and_unhooks_on_exit():
+    """No model is named: a layer reached any way (here through a plain function) is frozen while it runs, and
+    after the block the hook is gone, so the statistics move again."""
     model = bn_model()
     before = buffers(model)
-    with frozen_running_stats(None) as value:
-        model(torch.randn(8, 2, 6, 6))
+    x = torch.randn(8, 2, 6, 6)
+
+    def loss_of(inputs):
+        return model(inputs).sum()
+
+    with frozen_running_stats() as value:
+        loss_of(x).backward()
     assert value is None
-    assert not torch.equal(model[1].running_mean, before["1.running_mean"])  # nothing was frozen
-    with frozen_running_stats(nn.Linear(2, 2)):  # a model without BatchNorm: nothing to do either
-        pass
+    for name, buffer in buffers(model).items():
+        assert torch.equal(buffer, before[name]), name
+    model(x)
+    assert not torch.equal(model[1].running_mean, before["1.running_mean"])
+    assert model[1].num_batches_tracked.item() == before["1.num_batches_tracked"].item() + 1

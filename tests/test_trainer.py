@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from _tiny import (
+from helpers import (
     assert_params_equal,
     image_data,
     make_args,
@@ -36,7 +36,7 @@ def test_xsam_changes_parameters_of_tiny_models(tmp_path, kind):
     model, data = {"bert": (tiny_bert(), text_data()), "vit": (tiny_vit(), image_data()),
                    "resnet": (tiny_resnet(), image_data())}[kind]
     before = params_of(model)
-    trainer = train(model, tmp_path, data, optim="xsam", xsam_alpha_update_steps=2, max_steps=3)
+    trainer = train(model, tmp_path, data, optim="xsam", xsam_probe_every=2, max_steps=3)
     assert max_change(before, model) > 1e-5
     assert trainer.xsam.step_count == 3
     assert all(math.isfinite(p.sum().item()) for p in model.parameters())
@@ -142,7 +142,7 @@ def test_accumulation_gives_the_mean_of_micro_batch_directions_not_the_sum(tmp_p
 
 
 def test_resume_equals_uninterrupted_run_bitwise(tmp_path):
-    settings = dict(optim="xsam", xsam_rho=0.2, xsam_alpha_update_steps=2, gradient_accumulation_steps=2,
+    settings = dict(optim="xsam", xsam_rho=0.2, xsam_probe_every=2, gradient_accumulation_steps=2,
                     max_steps=6, save_strategy="steps", save_steps=3, logging_steps=1)
     full = tiny_bert(dropout=0.1)
     full_trainer = train(full, tmp_path / "full", **settings)
@@ -179,7 +179,7 @@ class NoisyClassifier(nn.Module):
 
 def test_every_pass_of_a_micro_batch_sees_the_same_dropout_masks(tmp_path):
     model = NoisyClassifier()
-    train(model, tmp_path, optim="xsam", xsam_alpha_update_steps=2, xsam_ascent_steps=2,
+    train(model, tmp_path, optim="xsam", xsam_probe_every=2, xsam_ascent_steps=2,
           gradient_accumulation_steps=2, max_steps=2)
     # step 0 probes on its first micro-batch: 1 + 2 ascent + 21 probe passes; then 3 passes per micro-batch
     sizes = [24, 3, 3, 3]
@@ -195,14 +195,14 @@ def test_every_pass_of_a_micro_batch_sees_the_same_dropout_masks(tmp_path):
 
 def test_batchnorm_statistics_update_once_per_micro_batch(tmp_path):
     model = tiny_resnet()
-    train(model, tmp_path, image_data(), optim="xsam", xsam_alpha_update_steps=1, gradient_accumulation_steps=2,
+    train(model, tmp_path, image_data(), optim="xsam", xsam_probe_every=1, gradient_accumulation_steps=2,
           max_steps=3)
     counts = {m.num_batches_tracked.item() for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
     assert counts == {6}
 
 
 def test_logs_xsam_metrics_and_probe_losses(tmp_path):
-    trainer = train(tiny_bert(), tmp_path, optim="xsam", xsam_rho=0.2, xsam_alpha_update_steps=2, max_steps=4,
+    trainer = train(tiny_bert(), tmp_path, optim="xsam", xsam_rho=0.2, xsam_probe_every=2, max_steps=4,
                     logging_steps=2)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
@@ -230,9 +230,9 @@ def test_model_card_tags_and_hyperparameters(tmp_path, optim):
     assert "- xsam" in header
     assert f"- {optim}" in header
     assert "| rho | 0.07 |" in card
-    assert "| base optimizer | adamw_torch |" in card
-    assert "| interval | 1 |" in card
-    assert ("| probe_batches | 1 |" in card) == (optim == "xsam")
+    assert "| base_optim | adamw_torch |" in card
+    assert "| sharpness_every | 1 |" in card
+    assert f"| probe_every | {200 if optim == 'xsam' else 0} |" in card  # as it ran: SAM never probes
 
 
 def test_evaluation_during_training(tmp_path):
@@ -245,8 +245,8 @@ def test_evaluation_during_training(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_run(tmp_path):
     plain, checkpointed = tiny_bert(), tiny_bert()
-    train(plain, tmp_path / "a", optim="xsam", xsam_rho=0.2, xsam_alpha_update_steps=2)
-    train(checkpointed, tmp_path / "b", optim="xsam", xsam_rho=0.2, xsam_alpha_update_steps=2,
+    train(plain, tmp_path / "a", optim="xsam", xsam_rho=0.2, xsam_probe_every=2)
+    train(checkpointed, tmp_path / "b", optim="xsam", xsam_rho=0.2, xsam_probe_every=2,
           gradient_checkpointing=True)
     expected = params_of(plain)
     for name, p in checkpointed.named_parameters():
@@ -256,7 +256,7 @@ def test_gradient_checkpointing_gives_the_same_run(tmp_path):
 def test_bf16_autocast_trains(tmp_path):
     model = tiny_bert()
     before = params_of(model)
-    trainer = train(model, tmp_path, optim="xsam", bf16=True, xsam_alpha_update_steps=2)
+    trainer = train(model, tmp_path, optim="xsam", bf16=True, xsam_probe_every=2)
     assert max_change(before, model) > 1e-5
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
@@ -294,3 +294,31 @@ def test_group_by_length_works(tmp_path):
                           args=make_args(tmp_path, optim="xsam", train_sampling_strategy="group_by_length"))
     trainer.train()
     assert max_change(before, model) > 1e-5
+
+
+def test_schedule_free_base_trains_and_rho_zero_equals_trainer(tmp_path):
+    """A base optimizer with train/eval modes: the Trainer's optimizer.train()/eval() calls reach it through
+    XSAM, so it steps in train mode and evaluates at its averaged weights, exactly as under Trainer."""
+    settings = dict(learning_rate=1e-3, max_steps=4, eval_strategy="steps", eval_steps=2)
+    eval_data = text_data(n=8, seed=3)
+
+    def run(trainer_cls, output_dir, model, **overrides):
+        trainer = trainer_cls(model=model, train_dataset=text_data(), eval_dataset=eval_data,
+                              args=make_args(output_dir, **settings, **overrides))
+        trainer.train()
+        return trainer
+
+    reference = run(Trainer, tmp_path / "ref", tiny_bert(), optim="schedule_free_adamw")
+    plain = run(XSAMTrainer, tmp_path / "rho0", tiny_bert(), optim="xsam", xsam_rho=0.0,
+                xsam_base_optim="schedule_free_adamw")
+    assert_params_equal(params_of(reference.model), params_of(plain.model))
+    evals = [[h["eval_loss"] for h in t.state.log_history if "eval_loss" in h] for t in (reference, plain)]
+    assert evals[0] == evals[1] and len(evals[0]) == 2
+
+    model = tiny_bert()
+    before = params_of(model)
+    xsam = run(XSAMTrainer, tmp_path / "xsam", model, optim="xsam", xsam_rho=0.05,
+               xsam_base_optim="schedule_free_adamw")
+    assert type(xsam.xsam.base_optimizer).__name__ == "AdamWScheduleFree"
+    assert max_change(before, model) > 0
+    assert all(math.isfinite(h["loss"]) for h in xsam.state.log_history if "loss" in h)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from _tiny import make_args, text_data, tiny_bert
+from helpers import make_args, text_data, tiny_bert
 from transformers import BertConfig, BertModel, HfArgumentParser
 
-from hf_xsam import XSAMTrainer, XSAMTrainingArguments
+from hf_xsam import HYPERPARAMETERS, XSAMTrainer, XSAMTrainingArguments
 
-FLAGS = ["xsam_rho", "xsam_rho_max", "xsam_alpha", "xsam_alpha_max", "xsam_alpha_step", "xsam_ascent_steps",
-         "xsam_alpha_update_steps", "xsam_base_optim", "xsam_perturbation", "xsam_interval", "xsam_probe_search",
-         "xsam_probe_space", "xsam_probe_batches"]
+FLAGS = [f"xsam_{name}" for name in HYPERPARAMETERS]
 
 
 def parse(*argv: str) -> XSAMTrainingArguments:
@@ -23,22 +21,22 @@ def parse(*argv: str) -> XSAMTrainingArguments:
 def test_flags_parsed_from_a_command_line():
     args = parse("--optim", "xsam", "--xsam_rho", "0.1", "--xsam_rho_max", "0.3", "--xsam_alpha", "0.5",
                  "--xsam_alpha_max", "1.5", "--xsam_alpha_step", "0.25", "--xsam_ascent_steps", "3",
-                 "--xsam_alpha_update_steps", "7", "--xsam_base_optim", "sgd", "--optim_args", "momentum=0.9",
-                 "--xsam_interval", "2", "--xsam_probe_search", "fast", "--xsam_probe_space", "angle",
+                 "--xsam_probe_every", "7", "--xsam_base_optim", "sgd", "--optim_args", "momentum=0.9",
+                 "--xsam_sharpness_every", "2", "--xsam_probe_search", "fast", "--xsam_probe_space", "angle",
                  "--xsam_probe_batches", "4")
     assert args.optim == "xsam"
     assert args.xsam_kwargs() == dict(rho=0.1, rho_max=0.3, alpha=0.5, alpha_max=1.5, alpha_step=0.25,
-                                      ascent_steps=3, alpha_update_interval=7, interval=2, probe_search="fast",
-                                      probe_space="angle")
+                                      ascent_steps=3, probe_every=7, sharpness_every=2, probe_search="fast",
+                                      probe_space="angle", norm_eps=1e-12)
     assert args.xsam_probe_batches == 4
     assert args.xsam_base_optim == "sgd"
 
 
 def test_sam_fixes_alpha_and_never_probes():
-    args = parse("--optim", "sam", "--xsam_alpha_update_steps", "5")
+    args = parse("--optim", "sam", "--xsam_probe_every", "5")
     assert args.optim == "sam"
     assert args.xsam_kwargs()["alpha"] == 1.0
-    assert args.xsam_kwargs()["alpha_update_interval"] == 0
+    assert args.xsam_kwargs()["probe_every"] == 0
 
 
 def test_builtin_optim_names_still_parse():
@@ -52,7 +50,7 @@ def test_help_lists_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in FLAGS:
         assert f"--{flag}" in text
-    assert "alpha probes" in text
+    assert "re-choose alpha by probing" in text  # the help of the settings table
 
 
 @pytest.mark.parametrize(
@@ -65,8 +63,8 @@ def test_help_lists_every_flag(capsys):
         (["--xsam_alpha_max", "-0.5"], r"xsam_alpha_max=-0.5 is invalid: must be a finite number >= 0"),
         (["--xsam_alpha_step", "0"], r"xsam_alpha_step=0.0 is invalid: must be a finite number > 0"),
         (["--xsam_ascent_steps", "0"], r"xsam_ascent_steps=0 is invalid: must be an integer >= 1"),
-        (["--xsam_alpha_update_steps", "-2"], r"xsam_alpha_update_steps=-2 is invalid: must be an integer >= 0"),
-        (["--xsam_interval", "0"], r"xsam_interval=0 is invalid: must be an integer >= 1"),
+        (["--xsam_probe_every", "-2"], r"xsam_probe_every=-2 is invalid: must be an integer >= 0"),
+        (["--xsam_sharpness_every", "0"], r"xsam_sharpness_every=0 is invalid: must be an integer >= 1"),
         (["--xsam_probe_batches", "0"], r"xsam_probe_batches=0 is invalid: must be an integer >= 1"),
         (["--xsam_base_optim", "xsam"], r"xsam_base_optim='xsam' is invalid: XSAM cannot wrap itself"),
         (["--xsam_base_optim", "adamw_nope"], r"xsam_base_optim='adamw_nope' is invalid: must be a built-in"),
@@ -81,8 +79,8 @@ def test_bad_xsam_flags_raise_value_error(argv, message):
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("xsam_probe_search", "exhaustive", r"xsam_probe_search='exhaustive' is invalid: must be 'grid' or 'fast'"),
-    ("xsam_probe_space", "radius", r"xsam_probe_space='radius' is invalid: must be 'alpha' or 'angle'"),
+    ("xsam_probe_search", "exhaustive", r"xsam_probe_search='exhaustive' is invalid: must be one of grid, fast"),
+    ("xsam_probe_space", "radius", r"xsam_probe_space='radius' is invalid: must be one of alpha, angle"),
 ])
 def test_bad_probe_choices_raise_value_error(tmp_path, field, value, message):
     # on a command line argparse refuses them (choices); built in code they reach our check
@@ -91,7 +89,7 @@ def test_bad_probe_choices_raise_value_error(tmp_path, field, value, message):
 
 
 def test_sam_with_another_alpha_is_rejected():
-    with pytest.raises(ValueError, match=r"xsam_alpha=0.5 is invalid: --optim sam fixes alpha at 1"):
+    with pytest.raises(ValueError, match=r"xsam_alpha=0.5 is invalid with optim='sam': SAM fixes alpha at 1"):
         parse("--optim", "sam", "--xsam_alpha", "0.5")
 
 

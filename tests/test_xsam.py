@@ -1,4 +1,4 @@
-"""XSAM against the naive reference of shared/XSAM.md (tests/reference.py), and its invariants."""
+"""XSAM against the naive reference of docs/algorithm.md (tests/reference.py), and its invariants."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import BASES, MLP, TASKS, build_mlp, make_closure, mlp_batch, mlp_loss
+from helpers import BASES, GRID, MLP, TASKS, build_mlp, make_closure, mlp_batch, mlp_loss, small_net
 from reference import (
     ReferenceSAM,
     ReferenceXSAM,
@@ -27,7 +27,6 @@ from hf_xsam.xsam import SIN_PSI_MIN
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
-GRID = [round(0.1 * i, 10) for i in range(21)]
 
 
 def assert_states_equal(a: nn.Module, b: nn.Module) -> None:
@@ -57,7 +56,7 @@ def train_xsam(task, batches, base, base_kwargs, counter=None, **xsam_kwargs):
     torch.manual_seed(1)
     losses, alphas = [], []
     for batch in batches:
-        losses.append(opt.step(make_closure(model, task.loss, batch, counter), model=model).item())
+        losses.append(opt.step(make_closure(model, task.loss, batch, counter)).item())
         alphas.append(opt.alpha)
     return model, opt, losses, alphas
 
@@ -82,7 +81,7 @@ def train_reference(task, batches, base, base_kwargs, **xsam_kwargs):
 def test_matches_reference(task_name, base_name, k, probe):
     task, steps = TASKS[task_name], 50
     base, base_kwargs = BASES[base_name], task.base_kwargs[base_name]
-    xsam_kwargs = dict(rho=task.rho, alpha=0.5, ascent_steps=k, alpha_update_interval=5 if probe else 0)
+    xsam_kwargs = dict(rho=task.rho, alpha=0.5, ascent_steps=k, probe_every=5 if probe else 0)
     batches = task.batches(steps)
     initial = {name: p.detach().clone() for name, p in task.build().named_parameters()}
 
@@ -104,7 +103,7 @@ def test_matches_reference(task_name, base_name, k, probe):
 def test_multi_step_sam_matches_reference():
     """alpha = 1 with k = 3 ascent steps is multi-step SAM: the reference's slerp at alpha = 1 is v1."""
     batches = MLP.batches(20)
-    kwargs = dict(rho=MLP.rho, alpha=1.0, ascent_steps=3)
+    kwargs = dict(rho=MLP.rho, alpha=1.0, ascent_steps=3, probe_every=0)
     model, _, _, _ = train_xsam(MLP, batches, torch.optim.SGD, MLP.base_kwargs["sgd"], **kwargs)
     ref_model, *_ = train_reference(MLP, batches, torch.optim.SGD, MLP.base_kwargs["sgd"], **kwargs)
     assert_states_close(model, ref_model)
@@ -117,7 +116,7 @@ def test_matches_reference_on_cuda(base_name):
     device = torch.device("cuda")
     batches = [{key: value.to(device) for key, value in batch.items()} for batch in MLP.batches(30)]
     base, base_kwargs = BASES[base_name], MLP.base_kwargs[base_name]
-    kwargs = dict(rho=MLP.rho, alpha=0.5, ascent_steps=2, alpha_update_interval=5)
+    kwargs = dict(rho=MLP.rho, alpha=0.5, ascent_steps=2, probe_every=5)
     models, alphas = [], []
     for implementation in ("xsam", "reference"):
         model = MLP.build().to(device)
@@ -129,7 +128,7 @@ def test_matches_reference_on_cuda(base_name):
         trajectory = []
         for batch in batches:
             if implementation == "xsam":
-                opt.step(make_closure(model, mlp_loss, batch), model=model)
+                opt.step(make_closure(model, mlp_loss, batch))
             else:
                 opt.step(lambda batch=batch, model=model: mlp_loss(model, batch), model=model)
             trajectory.append(opt.alpha)
@@ -146,7 +145,7 @@ def test_alpha_one_is_sam(base_name):
     base, base_kwargs = BASES[base_name], MLP.base_kwargs[base_name]
     batches = MLP.batches(20)
     initial = {name: p.detach().clone() for name, p in MLP.build().named_parameters()}
-    model, _, losses, _ = train_xsam(MLP, batches, base, base_kwargs, rho=0.1, alpha=1.0)
+    model, _, losses, _ = train_xsam(MLP, batches, base, base_kwargs, rho=0.1, alpha=1.0, probe_every=0)
 
     sam_model = MLP.build()
     sam = ReferenceSAM(base(sam_model.parameters(), **base_kwargs), rho=0.1)
@@ -165,7 +164,7 @@ def test_rho_zero_is_the_base_optimizer(base_name):
     batches = MLP.batches(10)
     counter = [0]
     model, _, losses, alphas = train_xsam(MLP, batches, base, base_kwargs, counter=counter, rho=0.0, alpha=0.5,
-                                          alpha_update_interval=1)
+                                          probe_every=1)
     rng_xsam = torch.get_rng_state()
 
     bare_model = MLP.build()
@@ -189,10 +188,10 @@ def test_rng_and_batchnorm_as_after_one_pass():
     """After a step the generator is where one forward pass leaves it, and only that pass moved BatchNorm."""
     model, batch = build_mlp(), mlp_batch(torch.Generator().manual_seed(3))
     twin = copy.deepcopy(model)
-    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.5, alpha=0.5, ascent_steps=2, alpha_update_interval=1,
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.5, alpha=0.5, ascent_steps=2, probe_every=1,
                lr=0.0)
     torch.manual_seed(7)
-    loss = opt.step(make_closure(model, mlp_loss, batch), model=model)
+    loss = opt.step(make_closure(model, mlp_loss, batch))
     rng_after_step = torch.get_rng_state()
     torch.manual_seed(7)
     twin_loss = mlp_loss(twin, batch)
@@ -206,7 +205,7 @@ def test_rng_after_a_step_with_uneven_random_draws(probe):
     """A closure whose passes draw different amounts of randomness (here: only the backward passes draw):
     after the step the generator is still where the theta_0 pass left it."""
     w = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
-    opt = XSAM([w], torch.optim.SGD, rho=0.3, alpha=0.5, alpha_update_interval=int(probe), lr=0.1)
+    opt = XSAM([w], torch.optim.SGD, rho=0.3, alpha=0.5, probe_every=int(probe), lr=0.1)
 
     def closure(backward=True):
         loss = (w * torch.tensor([1.0, 2.0, -1.0])).pow(2).sum()
@@ -237,7 +236,7 @@ def test_parameter_unused_at_an_ascent_point(k):
         return nn.Parameter(torch.tensor([0.5, 0.5])), nn.Parameter(torch.tensor([1.0, -2.0]))
 
     w, a = make()
-    opt = XSAM([w, a], torch.optim.SGD, rho=2.0, alpha=0.5, ascent_steps=k, lr=0.1)
+    opt = XSAM([w, a], torch.optim.SGD, rho=2.0, alpha=0.5, ascent_steps=k, probe_every=0, lr=0.1)
     opt.step(make_closure(None, lambda _, __: loss_of(w, a), None))
     ref_w, ref_a = make()
     ReferenceXSAM(torch.optim.SGD([ref_w, ref_a], lr=0.1), rho=2.0, alpha=0.5, ascent_steps=k).step(
@@ -247,18 +246,47 @@ def test_parameter_unused_at_an_ascent_point(k):
     assert not torch.equal(a.detach(), torch.tensor([1.0, -2.0]))  # d moved it along theta_k - theta_0
 
 
+@pytest.mark.parametrize("calls_zero_grad", [False, True])
+def test_a_standard_closure_gives_the_same_steps_and_warns_once(calls_zero_grad):
+    """``def closure(): loss = ...; loss.backward(); return loss`` (no ``backward`` argument, maybe zeroing the
+    gradients itself, as PyTorch's closure examples do): the probe runs it with gradients and throws them away, so
+    the run equals the one with the forward-only closure, at the price of a backward per probe point."""
+    batches = MLP.batches(4)
+
+    def run(standard: bool):
+        model = small_net()
+        opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.3, alpha=0.5, probe_every=2, lr=0.1)
+        alphas = []
+        for batch in batches:
+            if standard:
+                def closure(batch=batch):
+                    if calls_zero_grad:
+                        opt.zero_grad()
+                    loss = mlp_loss(model, batch)
+                    loss.backward()
+                    return loss
+            else:
+                closure = make_closure(model, mlp_loss, batch)
+            opt.step(closure)
+            alphas.append(opt.alpha)
+        return model, alphas
+
+    model, alphas = run(standard=False)
+    with pytest.warns(UserWarning, match=r"takes no `backward` argument") as caught:
+        standard_model, standard_alphas = run(standard=True)
+    assert len([w for w in caught if "backward" in str(w.message)]) == 1  # two probes, one warning
+    assert standard_alphas == alphas and len(set(alphas)) > 1
+    for p, q in zip(model.parameters(), standard_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 # ---------------------------------------------------------------------- the probe and the pieces API
-def small_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
-
-
 @pytest.mark.parametrize("k", [1, 2])
 def test_probe_picks_the_largest_loss(k):
     model, batch = small_net(), mlp_batch(torch.Generator().manual_seed(1))
     params = list(model.parameters())
     rho, rho_max = 0.5, 0.8
-    opt = XSAM(params, torch.optim.SGD, rho=rho, rho_max=rho_max, ascent_steps=k, alpha_update_interval=3, lr=0.1)
+    opt = XSAM(params, torch.optim.SGD, rho=rho, rho_max=rho_max, ascent_steps=k, probe_every=3, lr=0.1)
     assert opt.probe_due and opt.probe_grid() == GRID
 
     theta_0 = flatten(params)
@@ -309,7 +337,7 @@ def test_probe_picks_the_largest_loss(k):
 def test_probe_ties_take_the_smaller_alpha_and_skip_non_finite_losses():
     def probe_with(values):
         w = nn.Parameter(torch.tensor([1.0, 2.0]))
-        opt = XSAM([w], torch.optim.SGD, rho=0.1, alpha=0.5, alpha_update_interval=1, lr=0.1)
+        opt = XSAM([w], torch.optim.SGD, rho=0.1, alpha=0.5, probe_every=1, lr=0.1)
         (w * torch.tensor([1.0, -1.0])).pow(2).sum().backward()
         opt.ascent_step()
         w.grad = torch.tensor([0.5, 3.0])  # any g_k off the ascent direction: a proper plane
@@ -330,7 +358,7 @@ def test_set_direction_restores_theta_0_bitwise(alpha, probe, foreach):
     model, batch = build_mlp(), mlp_batch(torch.Generator().manual_seed(2))
     model.eval()  # BatchNorm on running statistics, no dropout: every pass is a plain function of the weights
     opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.5, alpha=alpha, ascent_steps=3,
-               alpha_update_interval=1 if probe else 0, foreach=foreach, lr=0.1)
+               probe_every=1 if probe else 0, foreach=foreach, lr=0.1)
     theta_0 = [p.detach().clone() for p in model.parameters()]
     mlp_loss(model, batch).backward()
     for _ in range(3):
@@ -348,7 +376,7 @@ def test_set_direction_restores_theta_0_bitwise(alpha, probe, foreach):
 @pytest.mark.parametrize("base_name", ["sgd", "adamw"])
 def test_foreach_matches_the_loop(base_name):
     batches = MLP.batches(12)
-    kwargs = dict(rho=MLP.rho, alpha=0.5, ascent_steps=2, alpha_update_interval=4)
+    kwargs = dict(rho=MLP.rho, alpha=0.5, ascent_steps=2, probe_every=4)
     base, base_kwargs = BASES[base_name], MLP.base_kwargs[base_name]
     fast, _, _, fast_alphas = train_xsam(MLP, batches, base, base_kwargs, foreach=True, **kwargs)
     loop, _, _, loop_alphas = train_xsam(MLP, batches, base, base_kwargs, foreach=False, **kwargs)
@@ -359,7 +387,7 @@ def test_foreach_matches_the_loop(base_name):
 # ---------------------------------------------------------------------- degenerate planes: v0 = +-v1, zero norms
 def linear_problem(w0, loss_of_w, alpha=0.5, interval=1, foreach=True, rho=0.5):
     w = nn.Parameter(torch.tensor(w0))
-    opt = XSAM([w], torch.optim.SGD, rho=rho, alpha=alpha, alpha_update_interval=interval, foreach=foreach, lr=0.1)
+    opt = XSAM([w], torch.optim.SGD, rho=rho, alpha=alpha, probe_every=interval, foreach=foreach, lr=0.1)
     counter = [0]
 
     def closure(backward=True):
@@ -392,7 +420,7 @@ def test_parallel_gradients_fall_back_to_g_k(alpha, foreach):
     assert opt.alpha == alpha and counter == [0]  # the probe found no plane: nothing evaluated, alpha kept
 
     ref_w = nn.Parameter(torch.tensor(w0))
-    ref = ReferenceXSAM(torch.optim.SGD([ref_w], lr=0.1), rho=0.5, alpha=alpha, alpha_update_interval=1)
+    ref = ReferenceXSAM(torch.optim.SGD([ref_w], lr=0.1), rho=0.5, alpha=alpha, probe_every=1)
     ref.step(lambda: (ref_w * c).sum())
     assert torch.equal(w.detach(), ref_w.detach()) and ref.last_probe_losses is None
 
@@ -411,7 +439,7 @@ def test_opposite_gradients_fall_back_to_g_k(foreach):
 def test_handcrafted_opposite_gradient_through_the_pieces():
     # exact in float32: ||g_0|| = 2, the ascent adds 0.25 everywhere, g_k = -2 (theta_k - theta_0)
     w = nn.Parameter(torch.tensor([0.5, -1.5, 2.0, 1.0]))
-    opt = XSAM([w], torch.optim.SGD, rho=0.5, alpha=0.5, alpha_update_interval=1, lr=0.1)
+    opt = XSAM([w], torch.optim.SGD, rho=0.5, alpha=0.5, probe_every=1, lr=0.1)
     w0 = w.detach().clone()
     w.grad = torch.ones(4)
     opt.ascent_step()
@@ -423,20 +451,32 @@ def test_handcrafted_opposite_gradient_through_the_pieces():
     assert math.sin(info.psi.item()) < SIN_PSI_MIN
 
 
-def test_cos_psi_rounding_above_one_is_clamped():
-    """g_k = 3 (theta_k - theta_0): <v0, v1> is 1 mathematically and 1 + 2^-23 in float32 for this draw.
-    Unclamped, arccos would return NaN and so would the whole direction."""
+def test_cos_psi_rounding_above_one_is_clamped(monkeypatch):
+    """g_k = 3 (theta_k - theta_0): <v0, v1> is 1 mathematically, and float32 rounding can put the computed value
+    just above 1 on some CPUs. The case is forced here, not hoped for: the dot product is inflated by 1e-6, so
+    cos(psi) exceeds 1 by construction. Unclamped, arccos would return NaN and so would the whole direction."""
+    import hf_xsam.xsam as xsam_module
+
+    true_dot = xsam_module._dot
+    seen = []
+
+    def inflated_dot(a, b):
+        value = true_dot(a, b) * (1 + 1e-6)
+        seen.append(value)
+        return value
+
+    monkeypatch.setattr(xsam_module, "_dot", inflated_dot)
     generator = torch.Generator().manual_seed(1)
     w = nn.Parameter(torch.randn(7, generator=generator))
-    opt = XSAM([w], torch.optim.SGD, rho=0.3, alpha=0.5, alpha_update_interval=1, lr=0.1)
+    opt = XSAM([w], torch.optim.SGD, rho=0.3, alpha=0.5, probe_every=1, lr=0.1)
     w0 = w.detach().clone()
     w.grad = torch.randn(7, generator=generator)
     opt.ascent_step()
     e = w.detach() - w0
     w.grad = 3.0 * e
-    assert (torch.dot(e, w.grad) / ((e.norm() + 1e-12) * (w.grad.norm() + 1e-12))).item() > 1.0  # the premise
     g_k = w.grad.clone()
     info = opt.set_direction(lambda: pytest.fail("a degenerate plane must not be probed"))
+    assert len(seen) == 1 and (seen[0] / (e.norm() * g_k.norm())).item() > 1.0  # the premise, forced
     assert info.psi.item() == 0.0
     assert torch.equal(w.grad, g_k) and torch.equal(w.detach(), w0)
 
@@ -445,7 +485,7 @@ def test_cos_psi_rounding_above_one_is_clamped():
 def test_zero_gradient_gives_finite_unchanged_weights(dtype):
     w0 = torch.tensor([1.0, -2.0, 0.5], dtype=dtype)
     w = nn.Parameter(w0.clone())
-    opt = XSAM([w], torch.optim.SGD, rho=0.05, alpha=0.5, alpha_update_interval=1, lr=0.1, momentum=0.9)
+    opt = XSAM([w], torch.optim.SGD, rho=0.05, alpha=0.5, probe_every=1, lr=0.1, momentum=0.9)
     closure = make_closure(None, lambda _, __: (w.float() * 0).sum(), None)
     for _ in range(3):
         opt.step(closure)
@@ -456,9 +496,9 @@ def test_zero_gradient_gives_finite_unchanged_weights(dtype):
 def test_bf16_mlp_trains():
     model = build_mlp(dtype=torch.bfloat16)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
-    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.5, alpha=0.5, ascent_steps=2, alpha_update_interval=2,
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.5, alpha=0.5, ascent_steps=2, probe_every=2,
                lr=0.05, momentum=0.9)
-    losses = [opt.step(make_closure(model, mlp_loss, batch), model=model).item() for batch in MLP.batches(6)]
+    losses = [opt.step(make_closure(model, mlp_loss, batch)).item() for batch in MLP.batches(6)]
     assert all(math.isfinite(loss) for loss in losses)
     assert all(torch.isfinite(p).all() and p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(b.dtype == torch.bfloat16 for b in opt._theta_0.values())
@@ -507,7 +547,7 @@ def tensors_held(opt: XSAM, skip=("base_optimizer", "state", "param_groups")) ->
 def test_one_persistent_buffer_per_trained_parameter(foreach):
     model = PartlyTrained()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.5, alpha=0.5, ascent_steps=2, alpha_update_interval=2,
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.5, alpha=0.5, ascent_steps=2, probe_every=2,
                foreach=foreach, lr=0.1, momentum=0.9)
     loss = lambda m, b: nn.functional.cross_entropy(m(b["x"]), b["y"])  # noqa: E731
     for batch in MLP.batches(5):
@@ -542,7 +582,7 @@ def name_of(model, param):
 @pytest.mark.parametrize("base_name", ["sgd", "adamw"])
 def test_state_dict_round_trip_equals_an_uninterrupted_run(base_name):
     base, base_kwargs = BASES[base_name], MLP.base_kwargs[base_name]
-    kwargs = dict(rho=MLP.rho, alpha=0.5, ascent_steps=2, alpha_update_interval=3)
+    kwargs = dict(rho=MLP.rho, alpha=0.5, ascent_steps=2, probe_every=3)
     n, m = 4, 5
     batches = MLP.batches(n + m)
 
@@ -555,7 +595,7 @@ def test_state_dict_round_trip_equals_an_uninterrupted_run(base_name):
     alphas = []
     for batch in batches:
         before = counter[0]
-        opt.step(make_closure(model, mlp_loss, batch, counter), model=model)
+        opt.step(make_closure(model, mlp_loss, batch, counter))
         probes.append(counter[0] - before)
         alphas.append(opt.alpha)
     assert probes == [21, 0, 0, 21, 0, 0, 21, 0, 0]  # steps 0, 3, 6
@@ -565,7 +605,7 @@ def test_state_dict_round_trip_equals_an_uninterrupted_run(base_name):
     opt_first = XSAM(None, base(first.parameters(), **base_kwargs), **kwargs)
     torch.manual_seed(1)
     for batch in batches[:n]:
-        opt_first.step(make_closure(first, mlp_loss, batch), model=first)
+        opt_first.step(make_closure(first, mlp_loss, batch))
     buffer = io.BytesIO()
     torch.save({"opt": opt_first.state_dict(), "model": first.state_dict(), "rng": torch.get_rng_state()}, buffer)
     saved_alpha = opt_first.alpha
@@ -585,7 +625,7 @@ def test_state_dict_round_trip_equals_an_uninterrupted_run(base_name):
     resumed_probes = []
     for batch in batches[n:]:
         before = counter_resumed[0]
-        opt_resumed.step(make_closure(resumed, mlp_loss, batch, counter_resumed), model=resumed)
+        opt_resumed.step(make_closure(resumed, mlp_loss, batch, counter_resumed))
         resumed_probes.append(counter_resumed[0] - before)
 
     assert resumed_probes == probes[n:]
@@ -601,10 +641,10 @@ def test_state_dict_round_trip_equals_an_uninterrupted_run(base_name):
 )
 def test_state_dict_carries_the_base_state_and_the_counters(base_name, keys):
     model = MLP.build()
-    opt = XSAM(model.parameters(), BASES[base_name], rho=0.3, alpha=0.5, alpha_update_interval=2,
+    opt = XSAM(model.parameters(), BASES[base_name], rho=0.3, alpha=0.5, probe_every=2,
                **MLP.base_kwargs[base_name])
     for batch in MLP.batches(3):
-        opt.step(make_closure(model, mlp_loss, batch), model=model)
+        opt.step(make_closure(model, mlp_loss, batch))
     state = opt.state_dict()
     params = list(model.parameters())
     assert len(state["state"]) == len(params)
@@ -623,7 +663,7 @@ def test_loading_a_plain_base_state_dict_keeps_xsam_settings():
     opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.3, alpha=0.5, lr=0.1, momentum=0.9)
     opt.load_state_dict(plain.state_dict())
     assert opt.param_groups[0]["lr"] == 0.02 and opt.rho == 0.3 and opt.alpha == 0.5 and opt.step_count == 0
-    opt.step(make_closure(model, mlp_loss, MLP.batches(1)[0]), model=model)
+    opt.step(make_closure(model, mlp_loss, MLP.batches(1)[0]))
     assert opt.step_count == 1
 
 
@@ -633,7 +673,7 @@ def test_add_param_group_joins_the_global_norm():
     first, second = nn.Linear(8, 16), nn.Linear(16, 3)
     model = nn.Sequential(first, nn.Tanh(), second)
     ref_model = copy.deepcopy(model)
-    opt = XSAM(first.parameters(), torch.optim.SGD, rho=0.5, alpha=0.5, ascent_steps=2, alpha_update_interval=2,
+    opt = XSAM(first.parameters(), torch.optim.SGD, rho=0.5, alpha=0.5, ascent_steps=2, probe_every=2,
                lr=0.1)
     opt.add_param_group({"params": second.parameters(), "lr": 0.02})
     assert len(opt.param_groups) == 2 and opt.param_groups is opt.base_optimizer.param_groups
@@ -643,7 +683,7 @@ def test_add_param_group_joins_the_global_norm():
 
     ref = ReferenceXSAM(torch.optim.SGD([{"params": ref_model[0].parameters()},
                                          {"params": ref_model[2].parameters(), "lr": 0.02}], lr=0.1),
-                        rho=0.5, alpha=0.5, ascent_steps=2, alpha_update_interval=2)
+                        rho=0.5, alpha=0.5, ascent_steps=2, probe_every=2)
     for batch in MLP.batches(6):
         opt.step(make_closure(model, mlp_loss, batch))
         ref.step(lambda batch=batch: mlp_loss(ref_model, batch))
@@ -662,11 +702,11 @@ def test_add_param_group_refuses_a_per_group_xsam_setting():
 def test_lr_scheduler_drives_the_base_optimizer():
     batches = MLP.batches(4)
     model = MLP.build()
-    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.1, alpha=1.0, lr=0.1)
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.1, alpha=1.0, probe_every=0, lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     torch.manual_seed(1)
     for batch in batches:
-        opt.step(make_closure(model, mlp_loss, batch), model=model)
+        opt.step(make_closure(model, mlp_loss, batch))
         scheduler.step()
     assert opt.base_optimizer.param_groups[0]["lr"] == 0.1 * 0.5**4
     assert scheduler.get_last_lr() == [0.1 * 0.5**4]
@@ -687,19 +727,22 @@ def test_lr_scheduler_drives_the_base_optimizer():
     [(0.1, 2.0, GRID), (0.25, 1.0, [0.0, 0.25, 0.5, 0.75, 1.0]), (0.3, 1.0, [0.0, 0.3, 0.6, 0.9]), (0.5, 0.0, [0.0])],
 )
 def test_probe_grid(alpha_step, alpha_max, grid):
-    opt = XSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, alpha_step=alpha_step, alpha_max=alpha_max, lr=0.1)
+    opt = XSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, alpha_step=alpha_step, alpha_max=alpha_max,
+               probe_every=0, lr=0.1)
     assert opt.probe_grid() == grid == probe_grid(alpha_step, alpha_max)
 
 
 def test_probe_schedule_and_rho_max_default():
-    opt = XSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, rho=0.15, alpha_update_interval=3, lr=0.1)
+    opt = XSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, rho=0.15, probe_every=3, lr=0.1)
     assert opt.param_groups[0]["xsam_rho_max"] == 0.3
     due = []
     for _ in range(7):
         due.append(opt.probe_due)
         opt.step()
     assert due == [True, False, False, True, False, False, True]
-    assert not XSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, rho=0.1, lr=0.1).probe_due  # interval 0
+    assert not XSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, rho=0.1, probe_every=0, lr=0.1).probe_due
+    default = XSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1)
+    assert default.param_groups[0]["xsam_probe_every"] == 200 and default.probe_due  # the first step probes
 
 
 # ---------------------------------------------------------------------- argument validation
@@ -733,8 +776,8 @@ def not_an_optimizer(params, lr):
         (dict(ascent_steps=1.5), r"ascent_steps=1\.5 is invalid: must be an integer >= 1"),
         (dict(ascent_steps=2.0), r"ascent_steps=2\.0 is invalid"),
         (dict(ascent_steps=True), r"ascent_steps=True is invalid"),
-        (dict(alpha_update_interval=-1), r"alpha_update_interval=-1 is invalid: must be an integer >= 0"),
-        (dict(alpha_update_interval=0.5), r"alpha_update_interval=0\.5 is invalid"),
+        (dict(probe_every=-1), r"probe_every=-1 is invalid: must be an integer >= 0"),
+        (dict(probe_every=0.5), r"probe_every=0\.5 is invalid"),
         (dict(norm_eps=0.0), r"norm_eps=0\.0 is invalid: must be a finite number > 0"),
         (dict(norm_eps=-1e-12), r"norm_eps=-1e-12 is invalid"),
     ],
@@ -767,4 +810,4 @@ def test_invalid_construction(make, message):
 def test_eps_goes_to_the_base_optimizer_and_norm_eps_to_xsam():
     opt = XSAM(params(), torch.optim.AdamW, lr=0.1, eps=1e-6, norm_eps=1e-9)
     assert opt.base_optimizer.param_groups[0]["eps"] == 1e-6
-    assert opt.param_groups[0]["xsam_eps"] == 1e-9
+    assert opt.param_groups[0]["xsam_norm_eps"] == 1e-9

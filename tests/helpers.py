@@ -1,0 +1,185 @@
+"""Tiny models, seeded data and assertions shared by the tests (built from code and configs: no downloads)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    BertForSequenceClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+from hf_xsam import XSAMTrainer, XSAMTrainingArguments
+
+# the probe grid of the default alpha_step 0.1 and alpha_max 2
+GRID = [round(0.1 * i, 10) for i in range(21)]
+
+
+@dataclass
+class Task:
+    """A model family and its data: ``build()`` gives the same initial weights every call (seeded), and
+    ``batches(n)`` the same n fresh batches every call (from a seeded generator, so the global RNG that
+    dropout uses is left alone)."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    make_batch: Callable[[torch.Generator], dict]
+    loss: Callable[[nn.Module, dict], torch.Tensor]
+    rho: float  # large enough that psi stays well away from 0, small enough that 50 steps are not chaotic
+    base_kwargs: dict[str, dict]  # per base optimizer name: its settings for this model
+
+    def batches(self, n: int, seed: int = 0) -> list[dict]:
+        generator = torch.Generator().manual_seed(seed)
+        return [self.make_batch(generator) for _ in range(n)]
+
+
+def make_closure(model: nn.Module, loss: Callable, batch: dict, counter: list[int] | None = None):
+    """The closure ``XSAM.step`` expects; ``counter[0]`` counts the calls with ``backward=False`` (probes)."""
+
+    def closure(backward: bool = True) -> torch.Tensor:
+        value = loss(model, batch)
+        if backward:
+            value.backward()
+        elif counter is not None:
+            counter[0] += 1
+        return value
+
+    return closure
+
+
+def small_net() -> nn.Module:
+    """A seeded MLP without BatchNorm or Dropout: every pass of a step computes the same function."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def counting(model: nn.Module) -> list[int]:
+    """Counts the model's forward passes (a hook on the outermost module)."""
+    count = [0]
+    model.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    return count
+
+
+# ---------------------------------------------------------------------- an MLP with BatchNorm and Dropout
+def build_mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(8, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 16), nn.Tanh(),
+        nn.Linear(16, 3),
+    )
+    return model.to(dtype).train()
+
+
+def mlp_batch(generator: torch.Generator) -> dict:
+    return {"x": torch.randn(16, 8, generator=generator), "y": torch.randint(0, 3, (16,), generator=generator)}
+
+
+def mlp_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    dtype = next(model.parameters()).dtype
+    return nn.functional.cross_entropy(model(batch["x"].to(dtype)).float(), batch["y"])
+
+
+MLP = Task("mlp", build_mlp, mlp_batch, mlp_loss, rho=0.5,
+           base_kwargs={"sgd": dict(lr=0.05, momentum=0.9), "adamw": dict(lr=1e-3, weight_decay=0.01)})
+
+
+# ---------------------------------------------------------------------- a two-layer BERT, hidden size 32
+def tiny_bert(seed: int = 0, dropout: float = 0.1, num_labels: int = 3, vocab_size: int = 64,
+              initializer_range: float = 0.02) -> BertForSequenceClassification:
+    """The one tiny BERT of the tests: 2 layers, hidden size 32, 2 heads."""
+    from transformers import BertConfig
+
+    config = BertConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, max_position_embeddings=32,
+        num_labels=num_labels, initializer_range=initializer_range,
+    )
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config)
+
+
+def build_bert(seed: int = 0) -> nn.Module:
+    # initializer_range 0.05 rather than 0.02: at 0.02 the attention is uniform and the query/key gradients are
+    # ~1e-8, where AdamW turns float32 rounding into full-size steps and no two implementations agree to 1e-5
+    return tiny_bert(seed, num_labels=2, vocab_size=100, initializer_range=0.05).train()
+
+
+def bert_batch(generator: torch.Generator) -> dict:
+    input_ids = torch.randint(1, 100, (8, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[:4, 9:] = 0  # some padding, so the mask matters
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": torch.randint(0, 2, (8,), generator=generator)}
+
+
+def bert_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+# AdamW at a fine-tuning lr, with eps 1e-6: its update divides by sqrt(v), so the coordinates whose gradient is
+# at the float32 noise floor would otherwise take lr-sized steps decided by rounding.
+BERT = Task("bert", build_bert, bert_batch, bert_loss, rho=0.2,
+            base_kwargs={"sgd": dict(lr=0.05, momentum=0.9), "adamw": dict(lr=1e-4, eps=1e-6, weight_decay=0.01)})
+TASKS = {task.name: task for task in (MLP, BERT)}
+BASES = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+
+# ---------------------------------------------------------------------- Trainer runs
+def tiny_vit(seed: int = 0) -> ViTForImageClassification:
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, num_labels=4)
+    return ViTForImageClassification(config)
+
+
+def tiny_resnet(seed: int = 0) -> ResNetForImageClassification:
+    torch.manual_seed(seed)
+    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                          layer_type="basic", num_labels=4)
+    return ResNetForImageClassification(config)
+
+
+def text_data(n: int = 32, length: int = 10, seed: int = 1, num_labels: int = 3) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(1, 64, (length,), generator=g),
+             "labels": int(torch.randint(0, num_labels, (1,), generator=g))} for _ in range(n)]
+
+
+def image_data(n: int = 32, size: int = 8, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"pixel_values": torch.randn(1, size, size, generator=g),
+             "labels": int(torch.randint(0, 4, (1,), generator=g))} for _ in range(n)]
+
+
+def make_args(output_dir, **overrides) -> XSAMTrainingArguments:
+    settings = dict(output_dir=str(output_dir), use_cpu=True, report_to="none", save_strategy="no",
+                    per_device_train_batch_size=4, max_steps=4, logging_steps=1, seed=7,
+                    disable_tqdm=True, dataloader_num_workers=0)
+    settings.update(overrides)
+    return XSAMTrainingArguments(**settings)
+
+
+def train(model, output_dir, data=None, trainer_cls=XSAMTrainer, **overrides):
+    trainer = trainer_cls(model=model, args=make_args(output_dir, **overrides), train_dataset=data or text_data())
+    trainer.train()
+    return trainer
+
+
+def params_of(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_params_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def max_change(before: dict, model) -> float:
+    return max((p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters())
