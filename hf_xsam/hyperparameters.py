@@ -93,8 +93,9 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {h.name: h for h in (
         optimizer=False),
     Hyperparameter(
         "perturbation", str, "global", lambda x: x in PERTURBATIONS, f"must be one of {', '.join(PERTURBATIONS)}",
-        "with several processes: 'global' ascends along the gradient of the whole batch (N processes with batch "
-        "b == 1 process with batch N*b), 'local' along each process's own.",
+        "'global': the ascent and the probe see the step's whole batch, every micro-batch of the accumulation "
+        "window on every process (N processes x M micro-batches of b == 1 x 1 batch of N*M*b); 'local': each "
+        "micro-batch on each process ascends along its own gradient (m-sharpness).",
         optimizer=False, choices=PERTURBATIONS),
     Hyperparameter(
         "base_optim", str, "adamw_torch", lambda x: isinstance(x, str), "must be a built-in optimizer name",

@@ -1,58 +1,69 @@
-"""`XSAMTrainer`: a `transformers.Trainer` whose training step runs XSAM's sharpness-aware passes."""
+"""`XSAMMixin`: the training step of any `transformers.Trainer` subclass, running XSAM's passes; `XSAMTrainer` is
+the mixin on `Trainer` itself."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import math
 import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 
 from hf_xsam.hyperparameters import HYPERPARAMETERS, PREFIX
-from hf_xsam.replay import RNGState, frozen_running_stats
-from hf_xsam.training_args import XSAMTrainingArguments
+from hf_xsam.passes import MicroBatch, sharpness_passes
+from hf_xsam.replay import RNGState
 from hf_xsam.xsam import XSAM
 
 
-class XSAMTrainer(Trainer):
-    """`Trainer` with XSAM (Chen & Zhou, ICLR 2026) when ``args.optim`` is ``"xsam"`` or ``"sam"``.
+class XSAMMixin:
+    """XSAM (Chen & Zhou, ICLR 2026) in any Trainer, when ``args.optim`` is ``"xsam"`` or ``"sam"``.
 
     Example::
 
-        args = XSAMTrainingArguments(output_dir="out", optim="xsam", xsam_rho=0.05)
-        trainer = XSAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+        class MyTrainer(XSAMMixin, SFTTrainer):  # the mixin first
+            pass
+
+        args = MyConfig(output_dir="out", optim="xsam", xsam_rho=0.05)  # MyConfig(XSAMArgumentsMixin, SFTConfig)
+        trainer = MyTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
         trainer.train()
 
-    Per micro-batch, `training_step` runs: the theta_0 forward/backward (its loss is the one reported), the
-    ascent step(s) each followed by a forward/backward, the alpha probe when due (forward passes only, on the
-    first micro-batch of a due optimizer step), then leaves the XSAM direction in ``.grad`` added to what
-    earlier micro-batches accumulated, with the weights back at theta_0. Every pass of a micro-batch sees the
-    same dropout masks; only the theta_0 pass updates BatchNorm running statistics. Clipping, the scheduler,
-    checkpoints and logging are the Trainer's own and act on the final direction.
+    Every micro-batch's theta_0 pass is the Trainer's own `training_step` (context-parallel inputs, the optimizer's
+    train mode, cache clearing, loss scaling and backward as upstream does them); its loss is the one reported.
+    What follows depends on ``--xsam_perturbation``:
 
-    Loss scaling is explicit: each pass uses the micro-batch's mean loss (``num_items_in_batch`` is not
-    forwarded, so models that ignore it, e.g. BERT classification, and ``average_tokens_across_devices`` cannot
-    change the scale) divided by the number of micro-batches in the step. With SGD the update is the mean of
-    the micro-batches' XSAM directions.
+    * ``global`` (default): the step's batch is every micro-batch of the accumulation window on every process.
+      Non-final micro-batches run only their theta_0 pass (under the Trainer's ``no_sync``), keeping their inputs
+      and random-number state; the final one then runs, for every micro-batch of the step, the passes at the
+      ascent point(s) and the probe, each replaying that micro-batch's dropout masks. One gradient all-reduce per
+      pass set: k + 1 per optimizer step. N processes x M micro-batches of b train like 1 process x 1 batch of
+      N*M*b.
+    * ``local``: each micro-batch on each process ascends along its own gradient (m-sharpness with m = the
+      micro-batch); the directions are summed over the window and averaged over processes in one all-reduce.
+
+    Loss weighting: each pass back-propagates the micro-batch's mean loss times its share of the step, its
+    number of label items (tokens for a token-level loss, examples for a sequence-level one, counted as the
+    Trainer counts ``num_items_in_batch``) over the step's; without a count, 1 / the window's micro-batches.
+    So a causal LM's padded tokens weigh nothing and every real token weighs the same, whatever micro-batch it
+    is in, and no model has to honour ``num_items_in_batch`` itself.
 
     Logged (with the training loss): ``xsam/alpha``, ``xsam/psi`` (mean angle between v0 and v1, radians),
     ``xsam/ascent_loss`` (mean loss at the ascent point), ``xsam/probe_loss_max`` (largest loss of the latest
     probe since the last log). Each probe also appends ``{"step", "xsam/probe_alphas", "xsam/probe_losses",
     "xsam/alpha"}`` to ``state.log_history`` (saved in ``trainer_state.json``).
 
-    With any other ``args.optim`` this class is exactly `Trainer`.
+    With any other ``args.optim`` the class is exactly its Trainer base.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._xsam_logs: dict[str, list] = {"psi": [], "ascent_loss": [], "probe_loss_max": []}
-        self._xsam_probed_at: int | None = None
-        # the micro-batches before this one, for a probe averaged over xsam_probe_batches (validated >= 1)
+        self._xsam_window: list[MicroBatch] = []  # this step's micro-batches so far (global mode)
+        # micro-batches trained on before, for a probe averaged over xsam_probe_batches of them (validated >= 1)
         keep = self.args.xsam_probe_batches - 1 if self._xsam_enabled else 0
         self._xsam_recent: collections.deque = collections.deque(maxlen=keep)
         if self._xsam_enabled:
@@ -61,7 +72,7 @@ class XSAMTrainer(Trainer):
     # ------------------------------------------------------------------ set-up
     @property
     def _xsam_enabled(self) -> bool:
-        return isinstance(self.args, XSAMTrainingArguments) and self.args.xsam_enabled
+        return getattr(self.args, "xsam_enabled", False)
 
     def _check_xsam_compatible(self) -> None:
         optim = self.args.optim
@@ -116,7 +127,7 @@ class XSAMTrainer(Trainer):
         opt = self.optimizer
         while not isinstance(opt, XSAM):
             if not hasattr(opt, "optimizer"):
-                raise RuntimeError("XSAMTrainer.xsam: the optimizer is not an XSAM (is args.optim 'xsam' or 'sam'?)")
+                raise RuntimeError("trainer.xsam: the optimizer is not an XSAM (is args.optim 'xsam' or 'sam'?)")
             opt = opt.optimizer
         return opt
 
@@ -129,97 +140,136 @@ class XSAMTrainer(Trainer):
     ) -> torch.Tensor:
         if not self._xsam_enabled:
             return super().training_step(model, inputs, num_items_in_batch)
-        model.train()
-        self.xsam.train()  # a schedule-free base optimizer must be in train mode for its step
-        inputs = self._prepare_inputs(inputs)
-        params = [p for group in self.xsam.param_groups for p in group["params"]]
-        ddp = model if isinstance(model, DistributedDataParallel) else None
+        if self.args.xsam_perturbation == "local":
+            return self._xsam_local_step(model, inputs, num_items_in_batch)
+        batch, loss = self._xsam_theta_0_pass(model, inputs, num_items_in_batch)
+        self._xsam_window.append(batch)
+        if self.accelerator.sync_gradients:  # the step's last micro-batch: the other passes, for all of them
+            window, self._xsam_window = self._xsam_window, []
+
+            def sync(last: bool):  # one all-reduce per pass set, on its last micro-batch (DDP)
+                return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+
+            info = sharpness_passes(self.xsam, window, probe_extra=list(self._xsam_recent), sync=sync)
+            self._record(info)
+            self._xsam_recent.extend(window)
+        return loss
+
+    def _xsam_local_step(self, model: nn.Module, inputs: dict, num_items_in_batch) -> torch.Tensor:
+        """m-sharpness: this micro-batch's passes on its own gradient, its direction added to the window's."""
+        xsam = self.xsam
+        params = [p for group in xsam.param_groups for p in group["params"]]
         # Earlier micro-batches' directions wait aside while this one computes its own: moved, not copied,
         # unless DDP hands out gradients that are views of its buckets (the next backward would overwrite them).
-        copy = ddp is not None and ddp.gradient_as_bucket_view
+        copy = getattr(model, "gradient_as_bucket_view", False)
         accumulated = [None if p.grad is None else (p.grad.clone() if copy else p.grad) for p in params]
         for p in params:
             p.grad = None
 
-        global_mode = self.args.xsam_perturbation == "global"
-        with _gradient_sync(ddp, global_mode):
-            loss = self._xsam_micro_batch(model, inputs, 1.0 / self.current_gradient_accumulation_steps)
+        def no_sync(last: bool = True):
+            return self.accelerator.no_sync(model)
+
+        first = not self._xsam_window  # the probe, when due, runs on the step's first micro-batch
+        with no_sync():
+            batch, loss = self._xsam_theta_0_pass(model, inputs, num_items_in_batch)
+        info = sharpness_passes(xsam, [batch], probe=xsam.probe_due and first, probe_extra=list(self._xsam_recent),
+                                sync=no_sync)
+        self._record(info)
+        self._xsam_recent.append(batch)
+        self._xsam_window.append(batch)
 
         for p, previous in zip(params, accumulated):
             if previous is not None:
                 if p.grad is not None:
                     previous.add_(p.grad)
                 p.grad = previous
-        if ddp is not None and not global_mode and self.accelerator.sync_gradients:
-            _all_reduce_mean([p.grad for p in params if p.grad is not None])
-        return loss * (1.0 / self.current_gradient_accumulation_steps)
-
-    def _xsam_micro_batch(self, model: nn.Module, inputs: dict, scale: float) -> torch.Tensor:
-        """theta_0 pass, ascent passes, probe when due; leaves this micro-batch's direction in .grad."""
-        xsam = self.xsam
-        devices = {p.device for group in xsam.param_groups for p in group["params"]}
-        rng_start = RNGState.capture(devices)
-        loss = self._xsam_pass(model, inputs, scale)
-        if not xsam.sharpness_due:  # rho = 0, or a plain step between sharpness-aware ones (xsam_sharpness_every)
-            self._remember(inputs)
-            return loss
-        rng_after = RNGState.capture(devices)
-        ascent_loss = None
-        for _ in range(xsam.ascent_steps):
-            xsam.ascent_step()
-            xsam.zero_grad(set_to_none=True)
-            rng_start.restore()
-            with frozen_running_stats():
-                ascent_loss = self._xsam_pass(model, inputs, scale)
-
-        probe_fn = None
-        if xsam.probe_due and self._xsam_probed_at != xsam.step_count:
-            self._xsam_probed_at = xsam.step_count  # probe on the step's first micro-batch only
-            batches = [inputs, *reversed(self._xsam_recent)]  # this one, then those trained on just before
-
-            def probe_fn():
-                rng_start.restore()  # every point sees the same masks (per batch, in the same order)
-                with frozen_running_stats(), self.compute_loss_context_manager():
-                    return torch.stack([self._loss(model, batch) for batch in batches]).mean()
-
-        reduce = None
-        if self.accelerator.num_processes > 1:
-            def reduce(losses):
-                return self.accelerator.reduce(losses, reduction="mean")
-
-        info = xsam.set_direction(probe_fn, reduce)
-        rng_after.restore()
-        self._record(info, ascent_loss)
-        self._remember(inputs)
+        if self.accelerator.sync_gradients:
+            self._xsam_window = []
+            if self.accelerator.num_processes > 1:
+                _all_reduce_mean([p.grad for p in params if p.grad is not None])
         return loss
 
-    def _remember(self, inputs: dict) -> None:
-        """Keep the latest micro-batches for a probe averaged over several (xsam_probe_batches > 1)."""
-        if self._xsam_recent.maxlen:
-            self._xsam_recent.append(inputs)
+    def _xsam_theta_0_pass(self, model: nn.Module, inputs: dict, num_items_in_batch):
+        """The Trainer's own training step on this micro-batch, weighted by its share of the step; returns it as a
+        replayable `MicroBatch` and the loss the Trainer logs."""
+        share = self._xsam_share_of(inputs, num_items_in_batch)
+        rng = RNGState.capture(self.xsam.devices)
+        upstream_step = super().training_step
+        with self._xsam_weighted(share):
+            loss = upstream_step(model, inputs, num_items_in_batch)
 
-    def _loss(self, model: nn.Module, inputs: dict) -> torch.Tensor:
-        """The micro-batch's mean loss (num_items_in_batch deliberately not forwarded; see the class docstring)."""
-        loss = self.compute_loss(model, dict(inputs), num_items_in_batch=None)
-        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
-            raise ValueError(
-                f"XSAM needs a scalar loss, but compute_loss returned {type(loss).__name__}"
-                f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}: does the model get labels?"
-            )
-        return loss.reshape(())
+        def run(backward: bool) -> torch.Tensor:  # a replay: compute_loss's bookkeeping stays as theta_0 left it
+            with _bookkeeping_kept(self), self._xsam_weighted(share):
+                if backward:
+                    return upstream_step(model, inputs, num_items_in_batch)
+                with torch.no_grad(), self.compute_loss_context_manager():
+                    return self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=None)
 
-    def _xsam_pass(self, model: nn.Module, inputs: dict, scale: float) -> torch.Tensor:
-        with self.compute_loss_context_manager():
-            loss = self._loss(model, inputs)
-        self.accelerator.backward(loss * scale)
-        return loss.detach()
+        return MicroBatch(run=run, rng=rng), loss
+
+    @contextlib.contextmanager
+    def _xsam_weighted(self, share):
+        """Inside, ``self.compute_loss`` (whatever class defines it: ours, trl's, a user's override) returns the
+        micro-batch's mean loss times ``share``, and the Trainer, told that the loss is already scaled for
+        accumulation, back-propagates it as it is. Set on the instance, so no override can bypass it."""
+        compute_loss = type(self).compute_loss.__get__(self)
+
+        def weighted(model, inputs, return_outputs=False, num_items_in_batch=None):
+            # the micro-batch's mean loss (num_items_in_batch not forwarded: models that ignore it, and
+            # average_tokens_across_devices, cannot change the scale), weighted here
+            result = compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+            loss = result[0] if return_outputs else result
+            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+                raise ValueError(
+                    f"XSAM needs a scalar loss, but compute_loss returned {type(loss).__name__}"
+                    f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}: does the model get labels?"
+                )
+            loss = loss.reshape(()) * share
+            return (loss, result[1]) if return_outputs else loss
+
+        previous = self.__dict__.get("loss_is_scaled_for_ga", _UNSET)
+        self.compute_loss, self.loss_is_scaled_for_ga = weighted, True
+        try:
+            yield
+        finally:
+            del self.compute_loss
+            if previous is _UNSET:
+                del self.loss_is_scaled_for_ga
+            else:
+                self.loss_is_scaled_for_ga = previous
+
+    def _xsam_share_of(self, inputs: dict, num_items_in_batch) -> torch.Tensor | float:
+        """This micro-batch's weight in the step's loss: its label items over the step's (the Trainer's
+        ``num_items_in_batch``, summed over processes when ``average_tokens_across_devices``: then times the number
+        of processes, since DDP averages the gradients), or 1 / the window's micro-batches without a count."""
+        items = self._xsam_items(inputs)
+        if items is None or num_items_in_batch is None:
+            return 1.0 / self.current_gradient_accumulation_steps
+        share = items.to(torch.float64) / torch.as_tensor(num_items_in_batch, dtype=torch.float64,
+                                                        device=items.device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            share = share * self.accelerator.num_processes
+        return share.float()
+
+    def _xsam_items(self, inputs: dict) -> torch.Tensor | None:
+        """Label items in one micro-batch, counted as `Trainer._get_num_items_in_batch` counts them."""
+        if "shift_labels" in inputs:
+            labels = inputs["shift_labels"]
+        elif isinstance(inputs.get("labels"), torch.Tensor):
+            labels = inputs["labels"][..., 1:] if getattr(self, "_loss_shifts_labels", False) else inputs["labels"]
+        else:
+            return None
+        return labels.ne(-100).sum()
 
     # ------------------------------------------------------------------ logging and model card
-    def _record(self, info, ascent_loss) -> None:
+    def _record(self, passes) -> None:
+        info = passes.direction
+        if info is None:  # not a sharpness-aware step
+            return
         if info.psi is not None:
             self._xsam_logs["psi"].append(info.psi.detach())
-        if ascent_loss is not None:
-            self._xsam_logs["ascent_loss"].append(ascent_loss)
+        if passes.ascent_loss is not None:
+            self._xsam_logs["ascent_loss"].append(passes.ascent_loss)
         if info.probe_losses is not None:
             finite = [v for v in info.probe_losses if math.isfinite(v)]
             self._xsam_logs["probe_loss_max"] = [max(finite)] if finite else []
@@ -284,19 +334,46 @@ class XSAMTrainer(Trainer):
             f.write("\n".join(lines))
 
 
+_UNSET = object()
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _is_bookkeeping(value, depth: int = 0) -> bool:
+    """Numbers and strings, and lists, tuples, deques and dicts of them: what a trainer counts and logs with."""
+    if isinstance(value, _PLAIN):
+        return True
+    if depth > 3:
+        return False
+    if isinstance(value, dict):
+        return all(_is_bookkeeping(k, depth + 1) and _is_bookkeeping(v, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple, collections.deque)):
+        return all(_is_bookkeeping(v, depth + 1) for v in value)
+    return False
+
+
 @contextlib.contextmanager
-def _gradient_sync(ddp: DistributedDataParallel | None, enabled: bool):
-    """Force DDP's gradient all-reduce on (global perturbation) or off (local) for the passes inside, whatever
-    the Trainer's accumulation context says; restored on exit."""
-    if ddp is None:
-        yield
-        return
-    previous = ddp.require_backward_grad_sync
-    ddp.require_backward_grad_sync = enabled
+def _bookkeeping_kept(trainer):
+    """Run a replayed pass without side effects on the trainer's own bookkeeping: whatever `compute_loss` counts or
+    logs (trl's token counts and metric lists, a user's counters) is put back as it was. General, not per trainer:
+    every attribute holding only numbers, strings and containers of them is copied before and restored after."""
+    saved = {name: copy.deepcopy(value) for name, value in vars(trainer).items() if _is_bookkeeping(value)}
     try:
         yield
     finally:
-        ddp.require_backward_grad_sync = previous
+        for name, value in saved.items():
+            setattr(trainer, name, value)
+
+
+class XSAMTrainer(XSAMMixin, Trainer):
+    """`Trainer` with XSAM when ``args.optim`` is ``"xsam"`` or ``"sam"`` (see `XSAMMixin`); with any other
+    ``args.optim`` it is exactly `Trainer`.
+
+    Example::
+
+        args = XSAMTrainingArguments(output_dir="out", optim="xsam", xsam_rho=0.05)
+        trainer = XSAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+        trainer.train()
+    """
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor], bucket_bytes: int = 25 * 2**20) -> None:

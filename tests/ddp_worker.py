@@ -10,6 +10,7 @@ import sys
 import time
 
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import make_args, text_data, tiny_bert  # noqa: E402
@@ -19,8 +20,20 @@ from hf_xsam import XSAMTrainer  # noqa: E402
 
 
 class StepTimer(TrainerCallback):
+    """Times each optimizer step and counts DDP's gradient all-reduces (a comm hook on the wrapped model)."""
+
     def __init__(self):
         self.times, self._start = [], None
+        self.trainer, self.gradient_all_reduces = None, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        ddp = self.trainer.model_wrapped
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            def count(state, bucket):
+                self.gradient_all_reduces += bucket.is_last()  # one per backward that syncs, however many buckets
+                return default_hooks.allreduce_hook(state, bucket)
+
+            ddp.register_comm_hook(None, count)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
@@ -38,12 +51,14 @@ def run(name: str, config: dict, out_dir: str) -> None:
                           args=make_args(os.path.join(out_dir, name), train_sampling_strategy="sequential",
                                          **config),
                           callbacks=[timer])
+    timer.trainer = trainer
     trainer.train()
     rank = trainer.args.process_index
     probes = [h for h in trainer.state.log_history if "xsam/probe_losses" in h]
     torch.save({"params": {n: p.detach().clone() for n, p in model.named_parameters()},
                 "alpha": trainer.xsam.alpha if trainer.args.xsam_enabled else None,
-                "probes": probes, "world_size": trainer.args.world_size, "step_times": timer.times},
+                "probes": probes, "world_size": trainer.args.world_size, "step_times": timer.times,
+                "gradient_all_reduces": timer.gradient_all_reduces, "steps": trainer.state.global_step},
                os.path.join(out_dir, f"{name}.rank{rank}.pt"))
 
 

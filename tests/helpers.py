@@ -183,3 +183,36 @@ def assert_params_equal(a: dict, b: dict) -> None:
 
 def max_change(before: dict, model) -> float:
     return max((p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters())
+
+
+def hand_written_sam(model, data, rho, lr, batch_size, steps, max_grad_norm, micro_batch=None):
+    """SAM with SGD, written out over each step's batch of ``batch_size`` examples: ascend along g0/||g0||, take
+    g there, clip, step. With ``micro_batch``, m-sharpness: each micro-batch of that size ascends along its own
+    gradient and the step uses the mean of their directions."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    for step in range(steps):
+        batch = data[step * batch_size:(step + 1) * batch_size]
+        size = micro_batch or batch_size
+        micro_batches = [batch[i:i + size] for i in range(0, batch_size, size)]
+        direction = [torch.zeros_like(p) for p in params]
+        for micro in micro_batches:
+            inputs = {"input_ids": torch.stack([b["input_ids"] for b in micro]),
+                      "labels": torch.tensor([b["labels"] for b in micro])}
+            g0 = torch.autograd.grad(model(**inputs).loss, params)
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g0]))
+            with torch.no_grad():
+                e = [rho * g / (norm + 1e-12) for g in g0]
+                for p, ei in zip(params, e):
+                    p.add_(ei)
+            g1 = torch.autograd.grad(model(**inputs).loss, params)
+            with torch.no_grad():
+                for p, ei in zip(params, e):
+                    p.sub_(ei)
+                for d, g in zip(direction, g1):
+                    d.add_(g / len(micro_batches))
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction]))
+        clip = min(1.0, max_grad_norm / (total.item() + 1e-6))
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(lr * clip * d)

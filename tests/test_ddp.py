@@ -26,6 +26,16 @@ CONFIGS = {
                          xsam_probe_every=1, max_steps=3, per_device_train_batch_size=4,
                          gradient_accumulation_steps=2, lr_scheduler_type="constant",
                          average_tokens_across_devices=False),
+    # global, 2 processes x accumulation 2 x batch 2, tokens averaged across devices (the default): 1 x batch 8
+    "global_accum_2x2": dict(optim="xsam", xsam_base_optim="sgd", learning_rate=0.5, xsam_rho=0.2,
+                             xsam_probe_every=2, max_steps=3, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, lr_scheduler_type="constant"),
+    "sam_accum_2x2": dict(optim="sam", xsam_base_optim="sgd", learning_rate=0.5, xsam_rho=0.2, max_steps=3,
+                          per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                          lr_scheduler_type="constant"),
+    "local_sam_accum": dict(optim="sam", xsam_perturbation="local", xsam_base_optim="sgd", learning_rate=0.5,
+                            xsam_rho=0.2, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                            lr_scheduler_type="constant"),
     # local perturbation, AdamW, dropout, accumulation: ranks identical, alpha agrees
     "local_adamw": dict(optim="xsam", xsam_perturbation="local", xsam_rho=0.2, xsam_probe_every=2,
                         max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2, dropout=0.1),
@@ -62,12 +72,15 @@ def test_ranks_stay_bitwise_identical_and_agree_on_alpha(ddp_results, name):
         assert torch.equal(rank0["params"][key], rank1["params"][key]), key
     assert rank0["alpha"] == rank1["alpha"]
     assert [p["xsam/alpha"] for p in rank0["probes"]] == [p["xsam/alpha"] for p in rank1["probes"]]
-    assert len(rank0["probes"]) >= 2
+    assert len(rank0["probes"]) >= (2 if CONFIGS[name]["optim"] == "xsam" else 0)
 
 
-@pytest.mark.parametrize("name", ["global_sgd", "global_accum", "global_sgd_fast"])
-def test_global_mode_equals_one_process_with_the_double_batch(ddp_results, tmp_path, name):
-    config = dict(CONFIGS[name], per_device_train_batch_size=8)
+@pytest.mark.parametrize("name", ["global_sgd", "global_accum", "global_sgd_fast", "global_accum_2x2",
+                                  "sam_accum_2x2"])
+def test_global_mode_equals_one_process_with_the_whole_batch(ddp_results, tmp_path, name):
+    """2 processes x M micro-batches of b train like 1 process with one batch of 2*M*b."""
+    config = dict(CONFIGS[name])
+    config["per_device_train_batch_size"] *= 2 * config.pop("gradient_accumulation_steps", 1)
     model = tiny_bert(dropout=0.0)
     trainer = XSAMTrainer(model=model, train_dataset=text_data(n=64),
                           args=make_args(tmp_path, train_sampling_strategy="sequential", **config))
@@ -87,6 +100,29 @@ def test_options_probe_on_sharpness_steps_and_agree_on_the_angle(ddp_results):
     assert [p["step"] for p in rank0["probes"]] == [1, 3, 5]  # sharpness-aware steps 0, 2, 4 (logged 1-based)
     assert [p["xsam/angle"] for p in rank0["probes"]] == [p["xsam/angle"] for p in rank1["probes"]]
     assert all(len(p["xsam/probe_losses"]) <= 8 for p in rank0["probes"])
+
+
+@pytest.mark.parametrize(("name", "per_step"), [("sam_accum_2x2", 2), ("local_sam_accum", 0)])
+def test_gradient_all_reduces_per_step(ddp_results, name, per_step):
+    """global: one all-reduce per pass set (theta_0, then theta_k; k = 1), not one per micro-batch and pass;
+    local: none in the passes (the directions are averaged in one bucketed all-reduce of their own)."""
+    rank0 = ddp_results[name][0]
+    assert rank0["steps"] == 3
+    assert rank0["gradient_all_reduces"] == per_step * rank0["steps"]
+
+
+def test_local_mode_equals_m_sharpness_written_out(ddp_results):
+    """local: each micro-batch of each process ascends along its own gradient; the step averages the 4 directions."""
+    from helpers import hand_written_sam
+
+    reference = tiny_bert(dropout=0.0)
+    # Accelerate deals whole batches of 2 to the processes in turn, so the 4 micro-batches of a step are
+    # consecutive pairs of the sequential order, and their directions' mean does not depend on who got which
+    hand_written_sam(reference, text_data(n=64), rho=0.2, lr=0.5, batch_size=8, steps=3, max_grad_norm=1.0,
+                     micro_batch=2)
+    rank0 = ddp_results["local_sam_accum"][0]
+    for key, p in reference.named_parameters():
+        torch.testing.assert_close(rank0["params"][key], p.detach(), rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_local_and_global_perturbations_differ(ddp_results):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import (
     assert_params_equal,
+    hand_written_sam,
     image_data,
     make_args,
     max_change,
@@ -72,46 +73,20 @@ def test_builtin_optim_is_exactly_trainer(tmp_path):
     assert not isinstance(trainer.optimizer.optimizer, XSAM)
 
 
-def _hand_written_sam(model, data, rho, lr, accumulation, steps, max_grad_norm):
-    """SAM with SGD, written out: per micro-batch ascend along g0/||g0||, take g there, average, clip, step."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    batches = [data[i:i + 4] for i in range(0, len(data), 4)]
-    model.train()
-    for step in range(steps):
-        direction = [torch.zeros_like(p) for p in params]
-        for batch in batches[step * accumulation:(step + 1) * accumulation]:
-            inputs = {"input_ids": torch.stack([b["input_ids"] for b in batch]),
-                      "labels": torch.tensor([b["labels"] for b in batch])}
-            g0 = torch.autograd.grad(model(**inputs).loss, params)
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g0]))
-            with torch.no_grad():
-                e = [rho * g / (norm + 1e-12) for g in g0]
-                for p, ei in zip(params, e):
-                    p.add_(ei)
-            g1 = torch.autograd.grad(model(**inputs).loss, params)
-            with torch.no_grad():
-                for p, ei in zip(params, e):
-                    p.sub_(ei)
-                for d, g in zip(direction, g1):
-                    d.add_(g / accumulation)
-        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction]))
-        clip = min(1.0, max_grad_norm / (total.item() + 1e-6))
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.sub_(lr * clip * d)
-
-
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_sam_with_sgd_equals_hand_written_sam(tmp_path, accumulation):
+@pytest.mark.parametrize(("accumulation", "perturbation"), [(1, "global"), (2, "global"), (2, "local")])
+def test_sam_with_sgd_equals_hand_written_sam(tmp_path, accumulation, perturbation):
+    """global: the step's whole batch (micro-batches of 4 x accumulation) ascends as one; local: each micro-batch
+    along its own gradient (m-sharpness), the directions averaged."""
     data = text_data(n=24)
     reference = tiny_bert(dropout=0.0)
-    _hand_written_sam(reference, data, rho=0.2, lr=0.5, accumulation=accumulation, steps=3, max_grad_norm=0.3)
+    hand_written_sam(reference, data, rho=0.2, lr=0.5, batch_size=4 * accumulation, steps=3, max_grad_norm=0.3,
+                      micro_batch=4 if perturbation == "local" else None)
     model = tiny_bert(dropout=0.0)
     trainer = SequentialXSAMTrainer(
         model=model, train_dataset=data,
         args=make_args(tmp_path, optim="sam", xsam_rho=0.2, xsam_base_optim="sgd", learning_rate=0.5,
                        lr_scheduler_type="constant", gradient_accumulation_steps=accumulation, max_steps=3,
-                       max_grad_norm=0.3, weight_decay=0.0),
+                       max_grad_norm=0.3, weight_decay=0.0, xsam_perturbation=perturbation),
     )
     trainer.train()
     expected, actual = params_of(reference), params_of(model)
@@ -120,7 +95,7 @@ def test_sam_with_sgd_equals_hand_written_sam(tmp_path, accumulation):
     assert max_change(params_of(tiny_bert(dropout=0.0)), model) > 1e-3
 
 
-def test_accumulation_gives_the_mean_of_micro_batch_directions_not_the_sum(tmp_path):
+def test_local_accumulation_gives_the_mean_of_micro_batch_directions_not_the_sum(tmp_path):
     # One step, two micro-batches, SGD lr 1: the update is exactly -(d1 + d2) / 2.
     data = text_data(n=8)
     model = tiny_bert(dropout=0.0)
@@ -129,12 +104,12 @@ def test_accumulation_gives_the_mean_of_micro_batch_directions_not_the_sum(tmp_p
         model=model, train_dataset=data,
         args=make_args(tmp_path, optim="sam", xsam_rho=0.1, xsam_base_optim="sgd", learning_rate=1.0,
                        lr_scheduler_type="constant", gradient_accumulation_steps=2, max_steps=1,
-                       max_grad_norm=0.0, weight_decay=0.0),
+                       max_grad_norm=0.0, weight_decay=0.0, xsam_perturbation="local"),
     ).train()
     single = []
     for half in (data[:4], data[4:]):
         probe = tiny_bert(dropout=0.0)
-        _hand_written_sam(probe, half, rho=0.1, lr=1.0, accumulation=1, steps=1, max_grad_norm=1e9)
+        hand_written_sam(probe, half, rho=0.1, lr=1.0, batch_size=4, steps=1, max_grad_norm=1e9)
         single.append({n: before[n] - p.detach() for n, p in probe.named_parameters()})  # = d_i
     for name, p in model.named_parameters():
         torch.testing.assert_close(before[name] - p.detach(), (single[0][name] + single[1][name]) / 2,
@@ -177,20 +152,22 @@ class NoisyClassifier(nn.Module):
         return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
-def test_every_pass_of_a_micro_batch_sees_the_same_dropout_masks(tmp_path):
+@pytest.mark.parametrize("perturbation", ["global", "local"])
+def test_every_pass_of_a_micro_batch_sees_the_same_dropout_masks(tmp_path, perturbation):
     model = NoisyClassifier()
-    train(model, tmp_path, optim="xsam", xsam_probe_every=2, xsam_ascent_steps=2,
-          gradient_accumulation_steps=2, max_steps=2)
-    # step 0 probes on its first micro-batch: 1 + 2 ascent + 21 probe passes; then 3 passes per micro-batch
-    sizes = [24, 3, 3, 3]
-    assert len(model.masks) == sum(sizes)
-    start, firsts = 0, []
-    for size in sizes:
-        group = model.masks[start:start + size]
-        assert all(torch.equal(group[0], m) for m in group)
-        firsts.append(group[0])
-        start += size
-    assert not torch.equal(firsts[0], firsts[1])  # different micro-batches draw different masks
+    train(model, tmp_path, optim="xsam", xsam_probe_every=2, xsam_ascent_steps=2, gradient_accumulation_steps=2,
+          max_steps=2, xsam_perturbation=perturbation)
+    # micro-batches a, b (step 0, probed) and c, d (step 1), each pass labelled with its micro-batch
+    if perturbation == "global":  # theta_0 passes as they come, then every pass set over the whole window
+        order = list("ab") + list("ab") * 2 + list("ab") * 21 + list("cd") + list("cd") * 2
+    else:  # each micro-batch's passes at once; the probe on the step's first micro-batch
+        order = list("a" * 24 + "b" * 3 + "c" * 3 + "d" * 3)
+    assert len(model.masks) == len(order)
+    first = {}
+    for label, mask in zip(order, model.masks):
+        first.setdefault(label, mask)
+        assert torch.equal(mask, first[label]), label
+    assert len({tuple(m.flatten().tolist()) for m in first.values()}) == 4  # each micro-batch its own masks
 
 
 def test_batchnorm_statistics_update_once_per_micro_batch(tmp_path):
