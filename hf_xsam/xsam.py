@@ -309,29 +309,33 @@ class XSAM(Optimizer):
         theta_0 = [self._theta_0[p] for p in params]
         info = DirectionInfo(psi=None, alpha=self.alpha)
         if self.alpha != 1.0 or self.angle is not None or probe_fn is not None:
+            eps = self._get("norm_eps")
             e = self._displacement(params, theta_0, in_place=probe_fn is None)
-            n_e, n_g, cos_psi = _geometry(e, grads, self._get("norm_eps"), self.foreach)
+            # the weights are free until theta_0 is restored: they hold w = ||g_k|| (v0 - v1), no new buffer
+            norms, psi = _geometry(e, grads, params, eps, self.foreach)
             if probe_fn is not None:
-                probed = self._probe(params, theta_0, e, grads, n_e, n_g, cos_psi, probe_fn, reduce_losses)
+                probed = self._probe(params, theta_0, e, grads, norms, psi, probe_fn, reduce_losses)
                 if probed is not None:
                     info.probe_alphas, info.probe_losses = probed
                 info.alpha = self.alpha
+                _chord(params, e, grads, norms, eps, self.foreach)  # the probe moved the weights: w again
             if self.angle is not None:  # the held angle: alpha = angle / psi of this step, with no host sync
-                a0, a1 = _rotation_coefficients(self.angle, cos_psi, n_e, n_g, self._get("norm_eps"))
+                a = _rotation_coefficients(self.angle, psi, norms, eps)
             else:
-                a0, a1 = _slerp_coefficients(self.alpha, cos_psi, n_e, n_g, self._get("norm_eps"))
-            # d = ||g_k|| v(alpha) = a1 g_k + a0 ||g_k||/||e|| e; the ||g_k|| of v1 cancels exactly
-            c0 = a0 * n_g / (n_e + self._get("norm_eps"))
+                a = _slerp_coefficients(self.alpha, psi, norms, eps)
+            # d = ||g_k|| (a0 v0 + a1 v1) = a0 w + (a0 + a1) g_k; the cumulative sum gives (a0, a0 + a1) in one
+            # operation, and the degenerate (0, 1) gives g_k bitwise
+            c_w, c_g = torch.cumsum(a, 0).unbind()
             if self.foreach:
-                torch._foreach_mul_(grads, a1)
-                torch._foreach_mul_(e, c0)
-                torch._foreach_add_(grads, e)
+                torch._foreach_mul_(params, c_w)
+                torch._foreach_mul_(grads, c_g)
+                torch._foreach_add_(grads, params)
             else:
-                for g, ei in zip(grads, e):
-                    g.mul_(a1)
-                    ei.mul_(c0)
-                    g.add_(ei)
-            info.psi = torch.acos(cos_psi)
+                for p, g in zip(params, grads):
+                    p.mul_(c_w)
+                    g.mul_(c_g)
+                    g.add_(p)
+            info.psi = psi
         # alpha = 1 without a probe is SAM: d = g_k, already in .grad
         self._restore_theta_0()
         self._active = []  # the next ascent_step starts a new pass set (next micro-batch or step)
@@ -463,20 +467,21 @@ class XSAM(Optimizer):
             for p, t in zip(self._active, theta_0):
                 p.copy_(t)
 
-    def _probe(self, params, theta_0, e, grads, n_e, n_g, cos_psi, probe_fn, reduce_losses):
+    def _probe(self, params, theta_0, e, grads, norms, psi, probe_fn, reduce_losses):
         """Evaluate probe_fn at theta_0 + rho_max v(alpha) over the probe points the search picks; set alpha (and
         in the angle space the angle) to the argmax. Returns (alphas, losses) of the evaluated points in
         increasing alpha, or None when the plane is degenerate."""
         rho_max, eps = self._get("rho_max"), self._get("norm_eps")
         # Host sync: the plane's geometry, so each point is set with plain scalar axpys (no temporaries).
-        geometry = torch.stack([n_e, n_g, cos_psi]).double().cpu()
-        n_e_h, n_g_h, cos_h = geometry.unbind()
-        if _degenerate(cos_h, n_e_h, n_g_h, eps) and reduce_losses is None:
+        geometry = torch.cat([norms, psi.reshape(1)]).double().cpu()
+        norms_h, psi_t = geometry[:2], geometry[2]
+        n_e_h, n_g_h = norms_h.unbind()
+        if _degenerate(torch.sin(psi_t), norms_h, eps) and reduce_losses is None:
             return None  # v0 and v1 span no plane: every v(alpha) is v1, nothing to choose
         # (with reduce_losses every rank must join the collectives: a degenerate rank probes v1 at every point)
         in_angles = self._get("probe_space") == "angle"
         points = self.probe_angles() if in_angles else self.probe_grid()
-        psi_h = math.acos(float(cos_h))
+        psi_h = float(psi_t)
 
         def alpha_of(i: int) -> float:
             if not in_angles:
@@ -486,7 +491,7 @@ class XSAM(Optimizer):
         def evaluate(indices: list[int]) -> list[float]:
             losses = []
             for i in indices:
-                a0, a1 = _slerp_coefficients(alpha_of(i), cos_h, n_e_h, n_g_h, eps)
+                a0, a1 = _slerp_coefficients(alpha_of(i), psi_t, norms_h, eps).unbind()
                 c0 = (rho_max * a0 / (n_e_h + eps)).item()
                 c1 = (rho_max * a1 / (n_g_h + eps)).item()
                 if self.foreach:
@@ -657,45 +662,87 @@ def _global_norm(tensors, foreach: bool) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms), 2)
 
 
-def _dot(a, b) -> torch.Tensor:
-    # No foreach kernel reduces a product; one small kernel per tensor, no host sync.
-    dtype = _accumulation_dtype(a)
-    return torch.stack([torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(a, b)]).sum()
+def _global_norms(lists, foreach: bool) -> torch.Tensor:
+    """The L2 norms over each of several equally long lists of tensors, as one small vector, from one multi-tensor
+    norm over all of them (accumulated as in `_global_norm`)."""
+    tensors = [t for ts in lists for t in ts]
+    dtype = _accumulation_dtype(tensors)
+    if foreach:
+        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+    else:
+        norms = [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms).view(len(lists), -1), 2, dim=1)
 
 
-def _geometry(e, grads, eps: float, foreach: bool):
-    """||e||, ||g_k|| and cos(psi) = <v0, v1>, clamped to [-1, 1] so that arccos never returns NaN."""
-    n_e, n_g = _global_norm(e, foreach), _global_norm(grads, foreach)
-    cos_psi = (_dot(e, grads) / ((n_e + eps) * (n_g + eps))).clamp(-1.0, 1.0)
-    return n_e, n_g, cos_psi
+def _chord(out, e, grads, norms, eps: float, foreach: bool) -> None:
+    """out = (||g_k|| / ||e||) e - g_k = ||g_k|| (v0 - v1), in place (``out`` may be ``e`` itself).
+
+    Scaling e to the length of g_k, rather than both to unit length, leaves g_k untouched in ``.grad`` (it is
+    needed bitwise when the plane is degenerate) and needs no scalar on the host."""
+    scale = norms[1] / (norms[0] + eps)
+    if foreach:
+        if out is not e:
+            torch._foreach_copy_(out, e)
+        torch._foreach_mul_(out, scale)
+        torch._foreach_sub_(out, grads)
+    else:
+        for o, t, g in zip(out, e, grads):
+            if out is not e:
+                o.copy_(t)
+            o.mul_(scale)
+            o.sub_(g)
 
 
-def _degenerate(cos_psi, n_e, n_g, eps) -> torch.Tensor:
-    sin_psi = torch.sin(torch.acos(cos_psi))
-    return (sin_psi < SIN_PSI_MIN) | (n_e <= eps) | (n_g <= eps)
+def _geometry(e, grads, out, eps: float, foreach: bool):
+    """(||e||, ||g_k||) as one 2-vector, and psi, the angle between v0 and v1, as a 0-dim tensor (no host sync);
+    leaves w = ||g_k|| (v0 - v1) in ``out``.
+
+    psi = 2 asin(||v0 - v1|| / 2) with the difference taken elementwise keeps float32's resolution at small
+    angles, where arccos<v0, v1> cannot: 1 - cos psi = psi^2 / 2 drowns in the rounding of a float32 cosine near 1
+    (measured on random planes of 3000 elements: relative errors 7e-7 against 0.23 at psi = 1e-3, 4e-6 against 2
+    at psi = 2e-4; tests/test_op_count.py). No dot product is needed, so every per-tensor quantity is a
+    multi-tensor operation and the count of operations does not grow with the number of tensors. The chord is
+    clamped to 2 (antiparallel vectors), so that rounding can never make asin NaN; near psi = pi it is as
+    ill-conditioned as arccos was (1e-6 relative at 3.1), and the degenerate fallback catches exact opposites.
+
+    With bf16/fp16 parameters w is rounded to their precision, and psi is off by up to ~5e-4 rad (measured; the
+    float32 dot product was within 1e-5 rad at psi >= 0.1): below what storing g_k in bf16 already does to its
+    direction (~1e-3 rad), and far below theta_k - theta_0 held in bf16, whose elements carry the rounding of the
+    weights. Computing w in float32 instead would take a parameter-sized float32 buffer.
+    """
+    norms = _global_norms([e, grads], foreach)
+    _chord(out, e, grads, norms, eps, foreach)
+    chord = _global_norm(out, foreach) / (norms[1] + eps)
+    psi = torch.asin(chord.mul_(0.5).clamp_(max=1.0)).mul_(2.0)
+    return norms, psi
 
 
-def _slerp_coefficients(alpha: float, cos_psi, n_e, n_g, eps: float):
-    """(a0, a1) with v(alpha) = a0 v0 + a1 v1 on the great circle; v1 alone when the plane is degenerate."""
-    psi = torch.acos(cos_psi)
-    sin_psi = torch.sin(psi)
-    degenerate = _degenerate(cos_psi, n_e, n_g, eps)
-    safe_sin = torch.where(degenerate, torch.ones_like(sin_psi), sin_psi)
-    a0 = torch.where(degenerate, torch.zeros_like(psi), torch.sin((1 - alpha) * psi) / safe_sin)
-    a1 = torch.where(degenerate, torch.ones_like(psi), torch.sin(alpha * psi) / safe_sin)
-    return a0, a1
+def _degenerate(sin_psi, norms, eps: float) -> torch.Tensor:
+    """v0 and v1 span no plane: (anti)parallel, or one of them has no length."""
+    return (sin_psi < SIN_PSI_MIN) | (norms <= eps).any()
 
 
-def _rotation_coefficients(angle: float, cos_psi, n_e, n_g, eps: float):
+def _arc_coefficients(psi, beta, norms, eps: float) -> torch.Tensor:
+    """(a0, a1) with a0 v0 + a1 v1 the unit vector at angle ``beta`` from v0 towards v1 on their great circle:
+    [sin(psi - beta), sin(beta)] / sin(psi); (0, 1), i.e. v1, when the plane is degenerate. One 2-vector, from
+    one sine of the three angles stacked."""
+    sines = torch.sin(torch.stack([psi - beta, beta, psi]))
+    degenerate = _degenerate(sines[2], norms, eps)
+    # arange(2) is (0, 1), made on the device (a tensor built from a list would be a copy from the host); the
+    # inf/nan of a zero sin(psi) in the other branch is discarded by where
+    v1 = torch.arange(2, dtype=psi.dtype, device=psi.device)
+    return torch.where(degenerate, v1, sines[:2] / sines[2])
+
+
+def _slerp_coefficients(alpha: float, psi, norms, eps: float) -> torch.Tensor:
+    """(a0, a1) with v(alpha) = a0 v0 + a1 v1: [sin((1 - alpha) psi), sin(alpha psi)] / sin(psi)."""
+    return _arc_coefficients(psi, psi * alpha, norms, eps)
+
+
+def _rotation_coefficients(angle: float, psi, norms, eps: float) -> torch.Tensor:
     """(a0, a1) of the unit vector at ``angle`` radians from v0 towards v1 in their plane: the slerp with
     alpha = angle / psi, written so that psi stays on the device (no host sync)."""
-    psi = torch.acos(cos_psi)
-    sin_psi = torch.sin(psi)
-    degenerate = _degenerate(cos_psi, n_e, n_g, eps)
-    safe_sin = torch.where(degenerate, torch.ones_like(sin_psi), sin_psi)
-    a0 = torch.where(degenerate, torch.zeros_like(psi), torch.sin(psi - angle) / safe_sin)
-    a1 = torch.where(degenerate, torch.ones_like(psi), math.sin(angle) / safe_sin)
-    return a0, a1
+    return _arc_coefficients(psi, torch.full_like(psi, angle), norms, eps)
 
 
 def _argmax_first(values: list[float]) -> int | None:

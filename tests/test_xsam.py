@@ -451,21 +451,13 @@ def test_handcrafted_opposite_gradient_through_the_pieces():
     assert math.sin(info.psi.item()) < SIN_PSI_MIN
 
 
-def test_cos_psi_rounding_above_one_is_clamped(monkeypatch):
-    """g_k = 3 (theta_k - theta_0): <v0, v1> is 1 mathematically, and float32 rounding can put the computed value
-    just above 1 on some CPUs. The case is forced here, not hoped for: the dot product is inflated by 1e-6, so
-    cos(psi) exceeds 1 by construction. Unclamped, arccos would return NaN and so would the whole direction."""
+def test_chord_rounding_above_two_is_clamped(monkeypatch):
+    """g_k = -3 (theta_k - theta_0): v1 = -v0, so ||v0 - v1|| is 2 mathematically, and float32 rounding can put the
+    computed value just above 2. The case is forced here, not hoped for: the norm of the chord is inflated by 1e-6,
+    so ||v0 - v1|| / 2 exceeds 1 by construction. Unclamped, psi = 2 asin(||v0 - v1|| / 2) would be NaN and so would
+    the whole direction."""
     import hf_xsam.xsam as xsam_module
 
-    true_dot = xsam_module._dot
-    seen = []
-
-    def inflated_dot(a, b):
-        value = true_dot(a, b) * (1 + 1e-6)
-        seen.append(value)
-        return value
-
-    monkeypatch.setattr(xsam_module, "_dot", inflated_dot)
     generator = torch.Generator().manual_seed(1)
     w = nn.Parameter(torch.randn(7, generator=generator))
     opt = XSAM([w], torch.optim.SGD, rho=0.3, alpha=0.5, probe_every=1, lr=0.1)
@@ -473,11 +465,20 @@ def test_cos_psi_rounding_above_one_is_clamped(monkeypatch):
     w.grad = torch.randn(7, generator=generator)
     opt.ascent_step()
     e = w.detach() - w0
-    w.grad = 3.0 * e
+    w.grad = -3.0 * e
     g_k = w.grad.clone()
+    true_norm = xsam_module._global_norm
+    seen = []
+
+    def inflated_norm(tensors, foreach):  # set_direction's one call: the norm of ||g_k|| (v0 - v1)
+        value = true_norm(tensors, foreach) * (1 + 1e-6)
+        seen.append(value)
+        return value
+
+    monkeypatch.setattr(xsam_module, "_global_norm", inflated_norm)
     info = opt.set_direction(lambda: pytest.fail("a degenerate plane must not be probed"))
-    assert len(seen) == 1 and (seen[0] / (e.norm() * g_k.norm())).item() > 1.0  # the premise, forced
-    assert info.psi.item() == 0.0
+    assert len(seen) == 1 and (seen[0] / g_k.norm()).item() > 2.0  # the premise, forced
+    assert info.psi.item() == pytest.approx(math.pi, abs=1e-6)
     assert torch.equal(w.grad, g_k) and torch.equal(w.detach(), w0)
 
 
