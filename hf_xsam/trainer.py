@@ -299,17 +299,19 @@ class XSAMMixin:
         super().log(logs, start_time)
 
     def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
-        if self._xsam_enabled:
-            tags = [tags] if isinstance(tags, str) else list(tags or [])
-            for tag in ("xsam", self.args.optim):
-                if tag not in tags:
-                    tags.append(tag)
         super().create_model_card(*args, tags=tags, **kwargs)
         if self._xsam_enabled and self.is_world_process_zero():
-            self._append_xsam_card_section()
+            self._add_xsam_to_card()
 
-    def _append_xsam_card_section(self) -> None:
+    def _add_xsam_to_card(self) -> None:
+        """Tag the card ``xsam`` and the method, and append the settings table. Done on the written card, after
+        the Trainer (and PEFT, which rewrites an adapter's card with its own tags) are through with it."""
+        from huggingface_hub import ModelCard
+
         path = os.path.join(self.args.output_dir, "README.md")
+        card = ModelCard.load(path)
+        card.data.tags = list(card.data.tags or [])
+        card.data.tags += [tag for tag in ("xsam", self.args.optim) if tag not in card.data.tags]
         method = "SAM (alpha fixed at 1)" if self.args.optim == "sam" else "XSAM"
         # the flags' values, with what --optim sam fixes (alpha 1, no probe) as it ran
         settings = {name: getattr(self.args, PREFIX + name) for name in HYPERPARAMETERS} | self.args.xsam_kwargs()
@@ -330,8 +332,8 @@ class XSAMMixin:
             *[f"| {k} | {v} |" for k, v in rows],
             "",
         ]
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("\n".join(lines))
+        card.text = card.text.rstrip("\n") + "\n" + "\n".join(lines)
+        card.save(path)
 
 
 _UNSET = object()
