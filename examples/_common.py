@@ -7,6 +7,7 @@ particular to their modality.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -305,14 +306,35 @@ def is_image_feature(feature) -> bool:
 
 # ---------------------------------------------------------------------- metrics
 def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """Accuracy and macro-F1, computed locally (`evaluate.load` needs the network)."""
+    """Accuracy and macro-F1, with `evaluate` when it can load its metrics (the Transformers examples'
+    convention), else computed locally with scikit-learn (`evaluate.load` fetches metric code from the Hub, so it
+    fails offline). Which one is used is said once, when first asked."""
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     predicted = np.asarray(logits).argmax(-1)
     labels = np.asarray(prediction.label_ids)
+    metrics = evaluate_metrics()
+    if metrics is not None:
+        accuracy, f1 = metrics
+        return {"accuracy": float(accuracy.compute(predictions=predicted, references=labels)["accuracy"]),
+                "macro_f1": float(f1.compute(predictions=predicted, references=labels, average="macro")["f1"])}
     return {
         "accuracy": float((predicted == labels).mean()),
         "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
     }
+
+
+@functools.lru_cache(maxsize=1)
+def evaluate_metrics():
+    """evaluate's accuracy and f1 metrics, or None when evaluate is missing or cannot load them."""
+    try:
+        import evaluate
+
+        metrics = evaluate.load("accuracy"), evaluate.load("f1")
+    except Exception as error:  # not installed, or offline (the metric code lives on the Hub)
+        print(f"Metrics: computed with scikit-learn (evaluate unavailable: {type(error).__name__})")
+        return None
+    print("Metrics: computed with evaluate (accuracy, f1)")
+    return metrics
 
 
 # ---------------------------------------------------------------------- the end of a run
@@ -344,6 +366,7 @@ def finish(
         "majority_label": majority_label,
         "majority_test_accuracy": majority_accuracy,
         "final_alpha": trainer.xsam.alpha if args.xsam_enabled else None,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         **xsam_log_summary(trainer.state.log_history),
         "num_labels": data.num_labels,
         "split_sizes": {k: len(v) for k, v in data.splits.items()},
@@ -389,6 +412,7 @@ def results_table(results: dict[str, Any]) -> str:
         ("test macro-F1", number(results["test_macro_f1"])),
         (f"majority class ({results['majority_label']}) test accuracy", number(results["majority_test_accuracy"])),
         ("train steps", str(results["train_steps"])),
+        ("trainable parameters", f"{results['trainable_parameters']:,}"),
         ("train time (min)", number(results["train_runtime_s"] / 60, 2)),
         ("wall time (min)", number(results["wall_time_s"] / 60, 2)),
         ("final alpha", number(results["final_alpha"], 2)),

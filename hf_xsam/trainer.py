@@ -310,8 +310,11 @@ class XSAMMixin:
 
         path = os.path.join(self.args.output_dir, "README.md")
         card = ModelCard.load(path)
-        card.data.tags = list(card.data.tags or [])
-        card.data.tags += [tag for tag in ("xsam", self.args.optim) if tag not in card.data.tags]
+        tags = list(card.data.tags or [])
+        for tag in ("xsam", self.args.optim):  # "xsam" once, then "sam" for --optim sam
+            if tag not in tags:
+                tags.append(tag)
+        card.data.tags = tags
         method = "SAM (alpha fixed at 1)" if self.args.optim == "sam" else "XSAM"
         # the flags' values, with what --optim sam fixes (alpha 1, no probe) as it ran
         settings = {name: getattr(self.args, PREFIX + name) for name in HYPERPARAMETERS} | self.args.xsam_kwargs()

