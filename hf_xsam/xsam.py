@@ -102,7 +102,7 @@ class XSAM(Optimizer):
             search does not clip when the maximum lies past alpha_max * psi; the chosen angle (not alpha) is
             then held until the next probe (beyond the paper).
         norm_eps (1e-12): the method's eps, added to every norm (named apart from the base optimizer's own
-            ``eps``, which ``**base_kwargs`` passes through). Norms and dot products are accumulated in float32
+            ``eps``, which ``**base_kwargs`` passes through). Norms are accumulated in float32
             (float64 for float64 parameters), so this is safe for bf16/fp16 parameters too.
         foreach (None): use the ``torch._foreach_*`` kernels (default) or the per-parameter loop that
             they mirror.

@@ -152,7 +152,7 @@ def test_angle_space_finds_the_maximum_past_the_alpha_grid():
     angle_opt, angle_info = probe_plane("angle")
     psi = math.atan(0.1)
     assert alpha_opt.alpha == 2.0 and alpha_opt.angle is None  # clipped at the grid's edge
-    assert angle_info.psi.item() == pytest.approx(psi, rel=1e-7)  # arccos of a cosine near 1
+    assert angle_info.psi.item() == pytest.approx(psi, rel=1e-7)  # psi from the chord: accurate at any angle
     # 21 angles over [0, pi/2]; on the circle the loss is 0.2 cos + 0.02 sin 2phi + 0.2 sin^2 phi
     angles = [ANGLE_MAX * i / 20 for i in range(21)]
     on_circle = [0.2 * math.cos(a) + 0.02 * math.sin(2 * a) + 0.2 * math.sin(a) ** 2 for a in angles]
