@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from torch.optim import Optimizer
 
+from hf_xsam import sharding
 from hf_xsam.hyperparameters import DEFAULTS, HYPERPARAMETERS, OPTIMIZER_SETTINGS, PREFIX, validate
 from hf_xsam.passes import MicroBatch, PassesInfo, sharpness_passes
 from hf_xsam.replay import RNGState
@@ -169,6 +170,7 @@ class XSAM(Optimizer):
         self._theta_0: dict[torch.Tensor, torch.Tensor] = {}  # the one persistent buffer, per parameter
         self._active: list[torch.Tensor] = []  # parameters perturbed in the current step
         self._warned_plain_closure = False
+        self._groups: tuple = ()  # the process groups FSDP2 shards the parameters over, when it does
         self._window: list[MicroBatch] = []  # the micro-batches of the step in progress (`backward`)
         self.last_step_info: PassesInfo | None = None  # what the latest step's passes measured
 
@@ -273,9 +275,12 @@ class XSAM(Optimizer):
             self._active = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
             if not self._active:
                 raise RuntimeError("XSAM.ascent_step() found no gradients: run backward() at theta_0 first")
+            self._groups = sharding.shard_groups(self._active)
             self._save_theta_0()
-        params, grads = self._active, _grads(self._active, fill_missing=True)  # unused at theta_i: zero
-        scale = (rho / k) / (_global_norm(grads, self.foreach) + eps)
+        # local shards of FSDP2 parameters (views of them), the tensors themselves otherwise
+        params = sharding.local(self._active)
+        grads = sharding.local(_grads(self._active, fill_missing=True))  # unused at theta_i: zero
+        scale = (rho / k) / (_global_norm(grads, self.foreach, self._groups) + eps)
         if self.foreach:
             torch._foreach_mul_(grads, scale)
             torch._foreach_add_(params, grads)
@@ -304,15 +309,15 @@ class XSAM(Optimizer):
             return DirectionInfo(psi=None, alpha=self.alpha)  # nothing moved: .grad already holds g_0
         if reduce_losses is None:
             reduce_losses = _mean_over_processes()
-        params = self._active
-        grads = _grads(params, fill_missing=True)
-        theta_0 = [self._theta_0[p] for p in params]
+        params = sharding.local(self._active)
+        grads = sharding.local(_grads(self._active, fill_missing=True))
+        theta_0 = [self._theta_0[p] for p in self._active]
         info = DirectionInfo(psi=None, alpha=self.alpha)
         if self.alpha != 1.0 or self.angle is not None or probe_fn is not None:
             eps = self._get("norm_eps")
             e = self._displacement(params, theta_0, in_place=probe_fn is None)
             # the weights are free until theta_0 is restored: they hold w = ||g_k|| (v0 - v1), no new buffer
-            norms, psi = _geometry(e, grads, params, eps, self.foreach)
+            norms, psi = _geometry(e, grads, params, eps, self.foreach, self._groups)
             if probe_fn is not None:
                 probed = self._probe(params, theta_0, e, grads, norms, psi, probe_fn, reduce_losses)
                 if probed is not None:
@@ -434,14 +439,16 @@ class XSAM(Optimizer):
 
     # ------------------------------------------------------------------ internals
     def _save_theta_0(self) -> None:
-        for p in self._active:
-            if p not in self._theta_0 or self._theta_0[p].shape != p.shape or self._theta_0[p].dtype != p.dtype:
-                self._theta_0[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        params = sharding.local(self._active)  # sharded parameters keep a sharded theta_0
+        for key, p in zip(self._active, params):
+            kept = self._theta_0.get(key)
+            if kept is None or kept.shape != p.shape or kept.dtype != p.dtype:
+                self._theta_0[key] = torch.empty_like(p, memory_format=torch.preserve_format)
         theta_0 = [self._theta_0[p] for p in self._active]
         if self.foreach:
-            torch._foreach_copy_(theta_0, self._active)
+            torch._foreach_copy_(theta_0, params)
         else:
-            for t, p in zip(theta_0, self._active):
+            for t, p in zip(theta_0, params):
                 t.copy_(p)
 
     def _displacement(self, params, theta_0, in_place: bool) -> list[torch.Tensor]:
@@ -460,11 +467,12 @@ class XSAM(Optimizer):
         return [p - t for p, t in zip(params, theta_0)]
 
     def _restore_theta_0(self) -> None:
+        params = sharding.local(self._active)
         theta_0 = [self._theta_0[p] for p in self._active]
         if self.foreach:
-            torch._foreach_copy_(self._active, theta_0)
+            torch._foreach_copy_(params, theta_0)
         else:
-            for p, t in zip(self._active, theta_0):
+            for p, t in zip(params, theta_0):
                 p.copy_(t)
 
     def _probe(self, params, theta_0, e, grads, norms, psi, probe_fn, reduce_losses):
@@ -652,26 +660,26 @@ def _accumulation_dtype(tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _global_norm(tensors, foreach: bool) -> torch.Tensor:
-    """L2 norm over all tensors, accumulated in float32 (float64 for float64 tensors)."""
-    dtype = _accumulation_dtype(tensors)
-    if foreach:
-        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
-    else:
-        norms = [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
-    return torch.linalg.vector_norm(torch.stack(norms), 2)
+def _global_norm(tensors, foreach: bool, groups: tuple = ()) -> torch.Tensor:
+    """L2 norm over all tensors, accumulated in float32 (float64 for float64 tensors); over every rank's shard
+    when ``groups`` (sharded parameters) are given."""
+    return _global_norms([tensors], foreach, groups)[0]
 
 
-def _global_norms(lists, foreach: bool) -> torch.Tensor:
+def _global_norms(lists, foreach: bool, groups: tuple = ()) -> torch.Tensor:
     """The L2 norms over each of several equally long lists of tensors, as one small vector, from one multi-tensor
-    norm over all of them (accumulated as in `_global_norm`)."""
+    norm over all of them (accumulated in float32, float64 for float64 tensors). With ``groups`` the tensors are
+    local shards: their squared norms are summed over the ranks in one all-reduce, then rooted."""
     tensors = [t for ts in lists for t in ts]
     dtype = _accumulation_dtype(tensors)
     if foreach:
         norms = torch._foreach_norm(tensors, 2, dtype=dtype)
     else:
         norms = [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
-    return torch.linalg.vector_norm(torch.stack(norms).view(len(lists), -1), 2, dim=1)
+    per_tensor = torch.stack(norms).view(len(lists), -1)
+    if not groups:
+        return torch.linalg.vector_norm(per_tensor, 2, dim=1)
+    return sharding.sum_over(per_tensor.square().sum(dim=1), groups).sqrt()
 
 
 def _chord(out, e, grads, norms, eps: float, foreach: bool) -> None:
@@ -693,7 +701,7 @@ def _chord(out, e, grads, norms, eps: float, foreach: bool) -> None:
             o.sub_(g)
 
 
-def _geometry(e, grads, out, eps: float, foreach: bool):
+def _geometry(e, grads, out, eps: float, foreach: bool, groups: tuple = ()):
     """(||e||, ||g_k||) as one 2-vector, and psi, the angle between v0 and v1, as a 0-dim tensor (no host sync);
     leaves w = ||g_k|| (v0 - v1) in ``out``.
 
@@ -710,9 +718,9 @@ def _geometry(e, grads, out, eps: float, foreach: bool):
     direction (~1e-3 rad), and far below theta_k - theta_0 held in bf16, whose elements carry the rounding of the
     weights. Computing w in float32 instead would take a parameter-sized float32 buffer.
     """
-    norms = _global_norms([e, grads], foreach)
+    norms = _global_norms([e, grads], foreach, groups)
     _chord(out, e, grads, norms, eps, foreach)
-    chord = _global_norm(out, foreach) / (norms[1] + eps)
+    chord = _global_norm(out, foreach, groups) / (norms[1] + eps)
     psi = torch.asin(chord.mul_(0.5).clamp_(max=1.0)).mul_(2.0)
     return norms, psi
 

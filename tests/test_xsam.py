@@ -470,8 +470,8 @@ def test_chord_rounding_above_two_is_clamped(monkeypatch):
     true_norm = xsam_module._global_norm
     seen = []
 
-    def inflated_norm(tensors, foreach):  # set_direction's one call: the norm of ||g_k|| (v0 - v1)
-        value = true_norm(tensors, foreach) * (1 + 1e-6)
+    def inflated_norm(tensors, foreach, groups=()):  # set_direction's one call: the norm of ||g_k|| (v0 - v1)
+        value = true_norm(tensors, foreach, groups) * (1 + 1e-6)
         seen.append(value)
         return value
 

@@ -1,0 +1,29 @@
+"""The model, data and optimizers shared by the FSDP2 worker and its one-process reference (tests/test_fsdp.py)."""
+
+import torch
+from torch import nn
+
+from hf_xsam import XSAM
+
+STEPS = 6
+# every dimension 0 even, so that 2 ranks hold equal halves
+CONFIGS = {
+    "xsam": dict(rho=0.3, alpha=0.5, probe_every=2),
+    "xsam_fast": dict(rho=0.3, probe_every=1, probe_search="fast"),
+    "sam": dict(rho=0.3, alpha=1.0, probe_every=0),
+}
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def make_optimizer(model: nn.Module, settings: dict) -> XSAM:
+    return XSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, **settings)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of 8 of a step (each of 2 ranks trains on its half)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)

@@ -1,0 +1,80 @@
+"""XSAM on FSDP2-sharded parameters in a plain loop, run by tests/test_fsdp.py under torchrun (2 gloo processes):
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py OUT_DIR
+
+Each rank trains on its half of every global batch of 8 with `XSAM.step(closure)` and no extra argument. Saved per
+rank and configuration: the full weights after every step, the alphas, theta_0's bytes on this rank; and a run
+resumed from a sharded (torch.distributed.checkpoint) checkpoint taken halfway.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fsdp_reference import CONFIGS, STEPS, batch, make_model, make_optimizer  # noqa: E402
+
+
+def sharded_model() -> nn.Module:
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def train(model, opt, steps, rank, world, record) -> None:
+    for step in steps:
+        x, y = batch(step)
+        rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+
+        def closure(backward=True, x=x[rows], y=y[rows]):
+            loss = nn.functional.cross_entropy(model(x), y)
+            if backward:
+                loss.backward()
+            return loss
+
+        probing = opt.probe_due
+        opt.step(closure)
+        if probing:
+            record["alphas"].append(opt.alpha)
+        record["weights"].append(torch.cat([p.full_tensor().flatten() for p in model.parameters()]))
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank, world, out = dist.get_rank(), dist.get_world_size(), sys.argv[1]
+    torch.set_num_threads(1)
+    for name, settings in CONFIGS.items():
+        model = sharded_model()
+        opt = make_optimizer(model, settings)
+        record = {"weights": [], "alphas": []}
+        train(model, opt, range(STEPS // 2), rank, world, record)
+        state = dict(zip(("model", "optim"), get_state_dict(model, opt)))
+        dcp.save(state, checkpoint_id=os.path.join(out, f"{name}_ckpt"))
+        train(model, opt, range(STEPS // 2, STEPS), rank, world, record)
+        record["theta_0_bytes"] = sum(t.numel() * t.element_size() for t in opt._theta_0.values())
+        record["sharded"] = bool(opt._groups)
+
+        resumed_model = sharded_model()
+        resumed_opt = make_optimizer(resumed_model, settings)
+        state = dict(zip(("model", "optim"), get_state_dict(resumed_model, resumed_opt)))
+        dcp.load(state, checkpoint_id=os.path.join(out, f"{name}_ckpt"))
+        set_state_dict(resumed_model, resumed_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        resumed = {"weights": [], "alphas": []}
+        train(resumed_model, resumed_opt, range(STEPS // 2, STEPS), rank, world, resumed)
+        record["resumed_weights"], record["resumed_alphas"] = resumed["weights"], resumed["alphas"]
+        record["resumed_step_count"] = resumed_opt.step_count
+        torch.save(record, os.path.join(out, f"{name}.rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
