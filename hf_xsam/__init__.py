@@ -5,7 +5,7 @@ imported on first use of its names, and trl only by the SFT pair (``pip install 
 """
 
 from hf_xsam.hyperparameters import HYPERPARAMETERS
-from hf_xsam.replay import RNGState, frozen_running_stats
+from hf_xsam.replay import RNGState, replayed_pass
 from hf_xsam.xsam import XSAM, DirectionInfo
 
 __version__ = "0.1.0"
@@ -36,7 +36,7 @@ __all__ = [
     "XSAMTrainer",
     "XSAMTrainingArguments",
     "__version__",
-    "frozen_running_stats",
+    "replayed_pass",
 ]
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_xsam.replay import RNGState, frozen_running_stats
+from hf_xsam.replay import RNGState, replayed_pass
 
 
 @dataclass
@@ -80,7 +80,7 @@ def sharpness_passes(
         total = None
         for i, batch in enumerate(micro_batches):
             batch.rng.restore()
-            with frozen_running_stats(), sync(i == len(micro_batches) - 1):
+            with replayed_pass(), sync(i == len(micro_batches) - 1):
                 share = batch.run(backward).detach().float().reshape(())
             total = share if total is None else total + share
         return total

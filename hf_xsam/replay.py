@@ -43,27 +43,44 @@ class RNGState:
 
 
 @contextlib.contextmanager
-def frozen_running_stats() -> Iterator[None]:
-    """Inside the block, every BatchNorm layer that runs in training mode normalises with the batch statistics, as
-    usual, but leaves ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched.
+def replayed_pass() -> Iterator[None]:
+    """The context of every pass XSAM replays (ascent points, probe points). Inside, every BatchNorm layer that
+    runs in training mode normalises with the batch statistics, as usual, but leaves ``running_mean``,
+    ``running_var`` and ``num_batches_tracked`` untouched. On exit, every FSDP2 module that ran is resharded:
+    a forward without backward (a probe) leaves the root's gathered weights in place, and the next pass would
+    reuse them instead of gathering the shards XSAM has moved.
 
-    The layers are found as they run (a global forward pre-hook), so no model needs to be named: a closure that
+    The modules are found as they run (a global forward pre-hook), so no model needs to be named: a closure that
     calls any module, however it reaches it, is covered.
     """
     # track_running_stats=False in training mode is exactly "use batch stats, update nothing" in
     # _BatchNorm.forward; momentum=0 would still bump num_batches_tracked and turn NaN stats into NaN buffers.
     toggled: set[nn.Module] = set()
+    sharded: list[nn.Module] = []
+    fsdp_module = _fsdp_module_type()
 
-    def freeze(module: nn.Module, args) -> None:
+    def seen(module: nn.Module, args) -> None:
         bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
         if bn and module.training and module.track_running_stats:
             module.track_running_stats = False
             toggled.add(module)
+        if fsdp_module is not None and isinstance(module, fsdp_module) and module not in sharded:
+            sharded.append(module)
 
-    handle = nn.modules.module.register_module_forward_pre_hook(freeze)
+    handle = nn.modules.module.register_module_forward_pre_hook(seen)
     try:
         yield
     finally:
         handle.remove()
         for module in toggled:
             module.track_running_stats = True
+        for module in sharded:
+            module.reshard()
+
+
+def _fsdp_module_type():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return None
+    return FSDPModule

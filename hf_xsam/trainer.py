@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import Trainer
+from transformers.distributed.fsdp import is_fsdp_managed_module
 
 from hf_xsam.hyperparameters import HYPERPARAMETERS, PREFIX
 from hf_xsam.passes import MicroBatch, sharpness_passes
@@ -81,10 +82,11 @@ class XSAMMixin:
                 f"optim={optim!r} cannot run under DeepSpeed: its engine steps the optimizer inside backward, so "
                 "XSAM cannot restore the weights between passes. Use DDP (accelerate launch --multi_gpu) instead."
             )
-        if self.is_fsdp_enabled:
+        if self.is_fsdp_enabled and not getattr(self.accelerator, "is_fsdp2", False):
             raise ValueError(
-                f"optim={optim!r} does not support FSDP yet: each process holds a shard of the weights, so XSAM's "
-                "norms and angles would be per shard. Use DDP (accelerate launch --multi_gpu) instead."
+                f"optim={optim!r} needs FSDP2 (fsdp_version: 2 in the Accelerate config, or --fsdp_config with "
+                "\"fsdp_version\": 2): FSDP1 flattens the parameters, so XSAM cannot keep theta_0 per parameter or "
+                "reduce its norms per shard. FSDP2, DDP and a model sharded at load time work."
             )
         if self.args.torch_compile:
             raise ValueError(
@@ -148,7 +150,7 @@ class XSAMMixin:
             window, self._xsam_window = self._xsam_window, []
 
             def sync(last: bool):  # one all-reduce per pass set, on its last micro-batch (DDP)
-                return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+                return contextlib.nullcontext() if last else self._xsam_no_sync(model)
 
             info = sharpness_passes(self.xsam, window, probe_extra=list(self._xsam_recent), sync=sync)
             self._record(info)
@@ -167,7 +169,7 @@ class XSAMMixin:
             p.grad = None
 
         def no_sync(last: bool = True):
-            return self.accelerator.no_sync(model)
+            return self._xsam_no_sync(model)
 
         first = not self._xsam_window  # the probe, when due, runs on the step's first micro-batch
         with no_sync():
@@ -188,6 +190,13 @@ class XSAMMixin:
             if self.accelerator.num_processes > 1:
                 _all_reduce_mean([p.grad for p in params if p.grad is not None])
         return loss
+
+    def _xsam_no_sync(self, model: nn.Module):
+        """Hold back the gradient reduction of a backward, as the Trainer's loop does for a micro-batch that does
+        not end the step: FSDP2's own switch for a model sharded at load time, Accelerate's ``no_sync`` otherwise."""
+        if self.is_distributed_loading_by_transformers and is_fsdp_managed_module(self.model):
+            return self._defer_fsdp_gradient_reduction()
+        return self.accelerator.no_sync(model)
 
     def _xsam_theta_0_pass(self, model: nn.Module, inputs: dict, num_items_in_batch):
         """The Trainer's own training step on this micro-batch, weighted by its share of the step; returns it as a

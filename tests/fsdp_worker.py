@@ -5,6 +5,9 @@
 Each rank trains on its half of every global batch of 8 with `XSAM.step(closure)` and no extra argument. Saved per
 rank and configuration: the full weights after every step, the alphas, theta_0's bytes on this rank; and a run
 resumed from a sharded (torch.distributed.checkpoint) checkpoint taken halfway.
+
+Then XSAMTrainer on a tiny BERT that Transformers shards at load time (`from_pretrained(distributed_config=
+DistributedConfig(fsdp_size=2))`), 2 processes x 2 micro-batches of 2: its full weights and probes.
 """
 
 import os
@@ -73,7 +76,31 @@ def main() -> None:
         record["resumed_weights"], record["resumed_alphas"] = resumed["weights"], resumed["alphas"]
         record["resumed_step_count"] = resumed_opt.step_count
         torch.save(record, os.path.join(out, f"{name}.rank{rank}.pt"))
+    for optim in ("xsam", "sam"):
+        trainer_run(out, optim, rank)
     dist.destroy_process_group()
+
+
+def trainer_run(out: str, optim: str, rank: int) -> None:
+    from helpers import make_args, text_data, tiny_bert
+    from transformers import BertForSequenceClassification, DistributedConfig
+
+    from hf_xsam import XSAMTrainer
+
+    folder = os.path.join(out, "tiny_bert")
+    if rank == 0:
+        tiny_bert(dropout=0.0).save_pretrained(folder)
+    dist.barrier()
+    model = BertForSequenceClassification.from_pretrained(folder, distributed_config=DistributedConfig(fsdp_size=2))
+    trainer = XSAMTrainer(model=model, train_dataset=text_data(n=64), args=make_args(
+        os.path.join(out, f"trainer_{optim}"), optim=optim, xsam_rho=0.1, xsam_probe_every=2, xsam_base_optim="sgd",
+        learning_rate=0.5, max_steps=3, train_sampling_strategy="sequential", per_device_train_batch_size=2,
+        gradient_accumulation_steps=2))
+    trainer.train()
+    torch.save({"weights": torch.cat([p.full_tensor().flatten() for p in trainer.model.parameters()]),
+                "sharded": bool(trainer.xsam._groups) or optim == "sam",
+                "probes": [h for h in trainer.state.log_history if "xsam/probe_losses" in h]},
+               os.path.join(out, f"trainer_{optim}.rank{rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def fsdp_results(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return {name: [torch.load(out / f"{name}.rank{r}.pt") for r in (0, 1)] for name in CONFIGS}
+    names = [*CONFIGS, "trainer_xsam", "trainer_sam"]
+    return {name: [torch.load(out / f"{name}.rank{r}.pt") for r in (0, 1)] for name in names}
 
 
 def one_process(settings: dict) -> dict:
@@ -79,3 +80,28 @@ def test_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(fsdp_resu
         assert probes_after == {"xsam": 1, "xsam_fast": 3, "sam": 0}[name]
         for resumed, uninterrupted in zip(rank["resumed_weights"], rank["weights"][STEPS // 2:]):
             assert torch.equal(resumed, uninterrupted)
+
+
+@pytest.mark.parametrize("optim", ["xsam", "sam"])
+def test_trainer_on_a_model_sharded_at_load_equals_one_process(fsdp_results, tmp_path, optim):
+    """XSAMTrainer on a model Transformers sharded at load time (FSDP2, 2 processes x 2 micro-batches of 2) trains
+    like one unsharded process with batches of 8: the replays reshard the root after probe forwards, and hold back
+    the reduction with the Trainer's own FSDP2 switch."""
+    from helpers import make_args, text_data, tiny_bert
+
+    from hf_xsam import XSAMTrainer
+
+    rank0, rank1 = fsdp_results[f"trainer_{optim}"]
+    trainer = XSAMTrainer(model=tiny_bert(dropout=0.0), train_dataset=text_data(n=64), args=make_args(
+        tmp_path, optim=optim, xsam_rho=0.1, xsam_probe_every=2, xsam_base_optim="sgd", learning_rate=0.5,
+        max_steps=3, train_sampling_strategy="sequential", per_device_train_batch_size=8))
+    trainer.train()
+    single = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    assert torch.equal(rank0["weights"], rank1["weights"])
+    torch.testing.assert_close(rank0["weights"], single, rtol=1e-5, atol=1e-6)
+    probes = [h for h in trainer.state.log_history if "xsam/probe_losses" in h]
+    assert [p["xsam/alpha"] for p in rank0["probes"]] == [p["xsam/alpha"] for p in probes]
+    assert len(probes) == (2 if optim == "xsam" else 0)
+    for ours, theirs in zip(rank0["probes"], probes):
+        torch.testing.assert_close(torch.tensor(ours["xsam/probe_losses"]), torch.tensor(theirs["xsam/probe_losses"]),
+                                   rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""RNGState and frozen_running_stats: every pass of an XSAM step sees the batch the way the first pass did."""
+"""RNGState and replayed_pass: every pass of an XSAM step sees the batch the way the first pass did."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_xsam.replay import RNGState, frozen_running_stats
+from hf_xsam.replay import RNGState, replayed_pass
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -72,13 +72,13 @@ def buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])  # None: cumulative average, driven by num_batches_tracked
-def test_frozen_running_stats_normalise_as_usual_and_update_nothing(momentum):
+def test_replayed_pass_normalise_as_usual_and_update_nothing(momentum):
     model = bn_model(momentum)
     reference = copy.deepcopy(model)
     before = buffers(model)
     x = torch.randn(8, 2, 6, 6)
 
-    with frozen_running_stats():
+    with replayed_pass():
         out = model(x)
         out.sum().backward()
     expected = reference(x)  # plain training mode: batch statistics, and the buffers move
@@ -96,29 +96,29 @@ def test_frozen_running_stats_normalise_as_usual_and_update_nothing(momentum):
     assert model[5].num_batches_tracked.item() == before["5.num_batches_tracked"].item() + 1
 
 
-def test_frozen_running_stats_leaves_eval_mode_and_untracked_layers_alone():
+def test_replayed_pass_leaves_eval_mode_and_untracked_layers_alone():
     model = bn_model().eval()
     untracked = nn.BatchNorm1d(6, track_running_stats=False)
     x = torch.randn(8, 2, 6, 6)
     expected = model(x)
-    with frozen_running_stats():
+    with replayed_pass():
         assert torch.equal(model(x), expected)  # eval mode still normalises with the running statistics
         untracked(torch.randn(4, 6))
     assert untracked.track_running_stats is False
     assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
-def test_frozen_running_stats_restores_tracking_after_an_exception():
+def test_replayed_pass_restores_tracking_after_an_exception():
     model = bn_model()
     with pytest.raises(RuntimeError, match="boom"):
-        with frozen_running_stats():
+        with replayed_pass():
             model(torch.randn(8, 2, 6, 6))
             assert not model[1].track_running_stats and not model[5].track_running_stats
             raise RuntimeError("boom")
     assert model[1].track_running_stats and model[5].track_running_stats
 
 
-def test_frozen_running_stats_finds_layers_it_was_not_told_about_and_unhooks_on_exit():
+def test_replayed_pass_finds_layers_it_was_not_told_about_and_unhooks_on_exit():
     """No model is named: a layer reached any way (here through a plain function) is frozen while it runs, and
     after the block the hook is gone, so the statistics move again."""
     model = bn_model()
@@ -128,7 +128,7 @@ def test_frozen_running_stats_finds_layers_it_was_not_told_about_and_unhooks_on_
     def loss_of(inputs):
         return model(inputs).sum()
 
-    with frozen_running_stats() as value:
+    with replayed_pass() as value:
         loss_of(x).backward()
     assert value is None
     for name, buffer in buffers(model).items():
