@@ -9,6 +9,7 @@ GradScaler on the CPU scales the passes and the forward pass number `overflow_at
 Each rank saves its weights after every optimizer step, the alpha of every probe, and which steps were skipped.
 """
 
+import os
 import sys
 
 import torch
@@ -16,6 +17,9 @@ import torch.distributed as dist
 from torch import nn
 
 from hf_xsam import XSAM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fsdp_reference import closure_steps  # noqa: E402
 
 STEPS, RHO, LR = 6, 0.3, 0.1
 
@@ -38,22 +42,12 @@ def ddp_loop(out: str) -> None:
     model = nn.parallel.DistributedDataParallel(model)
     opt = XSAM(model.parameters(), torch.optim.SGD, rho=RHO, probe_every=2, lr=LR)
     torch.manual_seed(100 + rank)  # each rank its own dropout masks, as in real data-parallel training
-    weights, alphas = [], []
-    for step in range(STEPS):
-        rows = slice((step * dist.get_world_size() + rank) * 8, (step * dist.get_world_size() + rank + 1) * 8)
-
-        def closure(backward=True, rows=rows):
-            loss = nn.functional.cross_entropy(model(x[rows]), y[rows])
-            if backward:
-                loss.backward()
-            return loss
-
-        probing = opt.probe_due
-        opt.step(closure)
-        if probing:
-            alphas.append(opt.alpha)
-        weights.append(snapshot(model))
-    torch.save({"weights": weights, "alphas": alphas, "rank": rank}, f"{out}.rank{rank}")
+    world = dist.get_world_size()
+    record = {"weights": [], "alphas": []}
+    closure_steps(model, opt, lambda step: (x[(step * world + rank) * 8:(step * world + rank + 1) * 8],
+                                            y[(step * world + rank) * 8:(step * world + rank + 1) * 8]),
+                  range(STEPS), record, snapshot)
+    torch.save({**record, "rank": rank}, f"{out}.rank{rank}")
     dist.destroy_process_group()
 
 

@@ -1,4 +1,5 @@
-"""The model, data and optimizers shared by the FSDP2 worker and its one-process reference (tests/test_fsdp.py)."""
+"""The model, data and optimizers shared by the FSDP2 worker and its one-process reference (tests/test_fsdp.py),
+and the plain closure loop they and the DDP custom-loop worker run."""
 
 import torch
 from torch import nn
@@ -21,6 +22,26 @@ def make_model() -> nn.Module:
 
 def make_optimizer(model: nn.Module, settings: dict) -> XSAM:
     return XSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, **settings)
+
+
+def closure_steps(model: nn.Module, opt: XSAM, data, steps, record: dict, weights) -> None:
+    """The obvious loop: for each step, ``opt.step(closure)`` on ``data(step) = (x, y)`` with a cross-entropy loss;
+    appends the alpha of every probe to ``record["alphas"]`` and ``weights(model)`` after every step to
+    ``record["weights"]``."""
+    for step in steps:
+        x, y = data(step)
+
+        def closure(backward=True, x=x, y=y):
+            loss = nn.functional.cross_entropy(model(x), y)
+            if backward:
+                loss.backward()
+            return loss
+
+        probing = opt.probe_due
+        opt.step(closure)
+        if probing:
+            record["alphas"].append(opt.alpha)
+        record["weights"].append(weights(model))
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fsdp_reference import CONFIGS, STEPS, batch, make_model, make_optimizer  # noqa: E402
+from fsdp_reference import CONFIGS, STEPS, batch, closure_steps, make_model, make_optimizer  # noqa: E402
 
 
 def sharded_model() -> nn.Module:
@@ -34,21 +34,13 @@ def sharded_model() -> nn.Module:
 
 
 def train(model, opt, steps, rank, world, record) -> None:
-    for step in steps:
+    def half(step):  # this rank's half of the global batch
         x, y = batch(step)
         rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        return x[rows], y[rows]
 
-        def closure(backward=True, x=x[rows], y=y[rows]):
-            loss = nn.functional.cross_entropy(model(x), y)
-            if backward:
-                loss.backward()
-            return loss
-
-        probing = opt.probe_due
-        opt.step(closure)
-        if probing:
-            record["alphas"].append(opt.alpha)
-        record["weights"].append(torch.cat([p.full_tensor().flatten() for p in model.parameters()]))
+    closure_steps(model, opt, half, steps, record,
+                  lambda m: torch.cat([p.full_tensor().flatten() for p in m.parameters()]))
 
 
 def main() -> None:

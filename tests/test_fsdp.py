@@ -10,8 +10,7 @@ import sys
 
 import pytest
 import torch
-from fsdp_reference import CONFIGS, STEPS, batch, make_model, make_optimizer
-from torch import nn
+from fsdp_reference import CONFIGS, STEPS, batch, closure_steps, make_model, make_optimizer
 
 pytestmark = pytest.mark.slow
 
@@ -32,20 +31,8 @@ def one_process(settings: dict) -> dict:
     model = make_model()
     opt = make_optimizer(model, settings)
     record = {"weights": [], "alphas": []}
-    for step in range(STEPS):
-        x, y = batch(step)
-
-        def closure(backward=True, x=x, y=y):
-            loss = nn.functional.cross_entropy(model(x), y)
-            if backward:
-                loss.backward()
-            return loss
-
-        probing = opt.probe_due
-        opt.step(closure)
-        if probing:
-            record["alphas"].append(opt.alpha)
-        record["weights"].append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    closure_steps(model, opt, batch, range(STEPS), record,
+                  lambda m: torch.cat([p.detach().flatten() for p in m.parameters()]))
     record["theta_0_bytes"] = sum(t.numel() * t.element_size() for t in opt._theta_0.values())
     return record
 
