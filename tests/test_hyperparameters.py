@@ -100,3 +100,14 @@ def test_one_default_and_one_name_per_setting(tmp_path):
     help_text = HfArgumentParser(XSAMTrainingArguments).format_help()
     for name in HYPERPARAMETERS:
         assert f"--xsam_{name} " in help_text, name
+
+
+def test_the_optimizer_imports_without_transformers():
+    """`from hf_xsam import XSAM` needs only torch; the Trainer side loads on first use of its names."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from hf_xsam import XSAM, HYPERPARAMETERS; assert 'transformers' not in sys.modules; "
+            "import hf_xsam; hf_xsam.XSAMTrainer; assert 'transformers' in sys.modules and 'trl' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
