@@ -15,10 +15,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from hf_xsam.replay import RNGState, replayed_pass
+
+if TYPE_CHECKING:  # xsam.py imports this module
+    from hf_xsam.xsam import DirectionInfo
 
 
 @dataclass
@@ -41,7 +45,7 @@ class PassesInfo:
     step's loss is, and what `XSAM.set_direction` returned (None when the step was not sharpness-aware)."""
 
     ascent_loss: torch.Tensor | None = None
-    direction: object | None = None
+    direction: DirectionInfo | None = None
 
 
 def _no_context(last: bool):
