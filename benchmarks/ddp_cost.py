@@ -83,6 +83,9 @@ def worker(args) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         with open(args.out, "w") as f:
             json.dump(results, f)
+    if torch.distributed.is_initialized():  # a clean exit: gloo's threads can abort a process at shutdown
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def main() -> None:

@@ -386,7 +386,18 @@ def finish(
     if trainer.is_world_process_zero():
         print(results_table(results))
         print(f"Saved the model, its tokenizer/processor, the model card and results.json to {args.output_dir}")
+    end_distributed()
     return results
+
+
+def end_distributed() -> None:
+    """Tear the process group down before the script exits: left to the interpreter's shutdown, gloo's threads
+    can abort a process ("terminate called without an active exception"), failing a run that had finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank is done with the collectives of saving and evaluating
+        dist.destroy_process_group()
 
 
 def xsam_log_summary(log_history: list[dict[str, Any]]) -> dict[str, Any]:

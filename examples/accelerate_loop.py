@@ -28,7 +28,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 from hf_xsam import XSAM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import package_dir  # noqa: E402
+from _common import end_distributed, package_dir  # noqa: E402
 from text_classification import load_tweets  # noqa: E402
 
 
@@ -122,6 +122,7 @@ def main(argv=None) -> dict:
         json.dump(result, f, indent=2)
     accelerator.print(f"| processes | steps | probes' alphas | eval accuracy |\n| {result['processes']} | "
                       f"{result['steps']} | {alphas} | {result['accuracy']:.3f} |")
+    end_distributed()
     return result
 
 

@@ -28,7 +28,7 @@ from transformers import HfArgumentParser, set_seed
 from hf_xsam import XSAMSFTConfig, XSAMSFTTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import package_dir  # noqa: E402
+from _common import end_distributed, package_dir  # noqa: E402
 
 # About a minute on 2 CPU cores offline; flags on the command line win.
 TRAINING_DEFAULTS = dict(
@@ -152,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             json.dump(results, f, indent=2)
         print("\n| " + " | ".join(results) + " |\n|" + " --- |" * len(results))
         print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in results.values()) + " |")
+    end_distributed()
     return results
 
 

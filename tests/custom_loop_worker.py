@@ -94,6 +94,9 @@ def accelerate_loop(out: str, accumulation: int, batch: int, overflow_at: int | 
                 scales.append(accelerator.scaler.get_scale() if accelerator.scaler is not None else None)
     torch.save({"weights": weights, "alphas": alphas, "skipped": skipped, "scales": scales,
                 "steps": xsam.step_count, "passes": passes[0]}, f"{out}.rank{accelerator.process_index}")
+    if dist.is_initialized():  # left to the interpreter's exit, gloo's threads can abort a process
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

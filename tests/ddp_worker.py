@@ -66,6 +66,9 @@ def main() -> None:
     out_dir, configs = sys.argv[1], json.loads(sys.argv[2])
     for name, config in configs.items():
         run(name, config, out_dir)
+    if torch.distributed.is_initialized():  # left to the interpreter's exit, gloo's threads can abort a process
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

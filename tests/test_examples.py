@@ -25,6 +25,15 @@ import image_classification  # noqa: E402
 import text_classification  # noqa: E402
 
 
+def free_port() -> int:
+    """A port the OS has just handed out as free (the launcher's default, 29500, may be taken)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _installed(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
@@ -349,6 +358,7 @@ def test_image_example_under_accelerate_launch(tmp_path):
     # without --use_cpu each process trains alone (and `--cpu --num_processes 2` runs one).
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()),
                os.path.join(EXAMPLES, "image_classification.py"), "--output_dir", out, "--max_steps", "3",
                "--per_device_train_batch_size", "8", "--xsam_probe_every", "2", "--use_cpu", *QUIET]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
