@@ -6,16 +6,15 @@ Every configuration gets its own XSAMTrainer, driven as Trainer's loop drives it
 last one flagged as the step's end) and one `optimizer.step`. With global perturbation XSAM's theta_0 passes run
 as the micro-batches come and the other passes run for all of them on the last, so its cost should follow the
 split as AdamW's does. XSAM probes only on its warm-up step here (the default interval), so the timed steps are
-plain XSAM steps; rounds interleave the configurations and the table quotes medians.
+plain XSAM steps; `harness.interleave` times them (torch.utils.benchmark.Timer, rounds that interleave the
+configurations) and the table quotes medians.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
+import harness
 from cost import build
 
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
@@ -34,15 +33,13 @@ def make_trainer(optim: str, accumulation: int, model, device: str) -> XSAMTrain
     return trainer
 
 
-def one_step(trainer: XSAMTrainer, micro_batches: list[dict]) -> float:
-    start = time.perf_counter()
+def one_step(trainer: XSAMTrainer, micro_batches: list[dict]) -> None:
     state = trainer.accelerator.gradient_state
     for i, batch in enumerate(micro_batches):
         state._set_sync_gradients(i == len(micro_batches) - 1)  # as Trainer's loop flags the step's end
         trainer.training_step(trainer.model, dict(batch))
     trainer.optimizer.step()
     trainer.model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -51,7 +48,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=2, help="steps per configuration per round")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="timed steps per configuration per round (the Timer warms up with 2 more)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.rounds < 1 or args.steps < 1:
@@ -65,23 +63,22 @@ def main() -> None:
                                      for i in range(accumulation)]
             trainers[optim, accumulation] = make_trainer(optim, accumulation, model, args.device)
             one_step(trainers[optim, accumulation], batches[accumulation])  # warm-up (xsam: its step-0 probe)
-    times = {key: [] for key in trainers}
-    for _ in range(args.rounds):
-        for (optim, accumulation), trainer in trainers.items():
-            for _ in range(args.steps):
-                times[optim, accumulation].append(one_step(trainer, batches[accumulation]))
-    median = {key: statistics.median(values) for key, values in times.items()}
+    steps = {key: (lambda t=trainer, b=batches[key[1]]: one_step(t, b)) for key, trainer in trainers.items()}
+    measured = harness.interleave(steps, args.rounds, args.steps)
+    median = {key: m.median for key, m in measured.items()}
 
     print(f"model={args.model} device={args.device} batch 16 seq={args.seq_len} rounds={args.rounds}x{args.steps}, "
           "medians of s/step")
-    print(f"{'split':<8}{'adamw':>8}{'sam':>8}{'xsam':>8}{'sam/adamw':>11}{'xsam/sam':>10}")
+    columns = [("split", 8, ""), ("adamw", 8, ".3f"), ("sam", 8, ".3f"), ("xsam", 8, ".3f"), ("sam/adamw", 11, ".3f"),
+               ("xsam/sam", 10, ".3f")]
+    rows = []
     for accumulation, micro in SPLITS:
         a, s, x = (median[optim, accumulation] for optim in OPTIMS)
-        print(f"{accumulation} x {micro:<4}{a:>8.3f}{s:>8.3f}{x:>8.3f}{s / a:>11.3f}{x / s:>10.3f}")
+        rows.append((f"{accumulation} x {micro}", a, s, x, s / a, x / s))
+    print(harness.fixed_table(columns, rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "median_s": {f"{o}_{m}": v for (o, m), v in median.items()},
-                       "raw": {f"{o}_{m}": v for (o, m), v in times.items()}}, f, indent=1)
+        harness.write_json(args.json, {"args": vars(args), "median_s": {f"{o}_{m}": v for (o, m), v in median.items()},
+                                       "raw": {f"{o}_{m}": v.times for (o, m), v in measured.items()}})
 
 
 if __name__ == "__main__":

