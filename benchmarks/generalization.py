@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 
+import harness
 from compare import SCRIPTS
 from compare import run as run_example  # the same subprocess run and results.json fields
 
@@ -126,9 +127,7 @@ class Store:
         return self.get(optim, rho, seed, steps)
 
     def save(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path, "w", encoding="utf-8") as f:
-            json.dump(self.data, f, indent=1)
+        harness.write_json(self.path, self.data)
 
 
 def label(optim: str, rho) -> str:
@@ -141,35 +140,31 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def sweep_table(store: Store, rhos, seed, steps, chosen) -> str:
-    lines = [f"rho sweep, seed {seed}, {steps} steps (* = best validation accuracy, the rho used below)",
-             "| rho | SAM val | SAM test | XSAM val | XSAM test | XSAM mean psi (rad) | XSAM mean alpha* | "
-             "alpha* at edge |",
-             "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for rho in rhos:
         sam, xsam = store.get("sam", rho, seed, steps), store.get("xsam", rho, seed, steps)
         alphas = xsam["probe_alphas"]
         edge = sum(a in (0.0, 2.0) for a in alphas)
-        psi = "-" if xsam["mean_psi"] is None else f"{xsam['mean_psi']:.3f}"
-        mean_alpha = f"{statistics.fmean(alphas):.2f}" if alphas else "-"
-        lines.append(
-            f"| {rho:g} | {sam['eval_accuracy']:.4f}{'*' if chosen['sam'] == rho else ''} | "
-            f"{sam['test_accuracy']:.4f} | {xsam['eval_accuracy']:.4f}{'*' if chosen['xsam'] == rho else ''} | "
-            f"{xsam['test_accuracy']:.4f} | {psi} | {mean_alpha} | {edge} of {len(alphas)} |"
-        )
-    return "\n".join(lines)
+        star = {optim: "*" if chosen[optim] == rho else "" for optim in ("sam", "xsam")}
+        rows.append([f"{rho:g}", f"{sam['eval_accuracy']:.4f}{star['sam']}", f"{sam['test_accuracy']:.4f}",
+                     f"{xsam['eval_accuracy']:.4f}{star['xsam']}", f"{xsam['test_accuracy']:.4f}",
+                     "-" if xsam["mean_psi"] is None else f"{xsam['mean_psi']:.3f}",
+                     f"{statistics.fmean(alphas):.2f}" if alphas else "-", f"{edge} of {len(alphas)}"])
+    header = ["rho", "SAM val", "SAM test", "XSAM val", "XSAM test", "XSAM mean psi (rad)", "XSAM mean alpha*",
+              "alpha* at edge"]
+    return (f"rho sweep, seed {seed}, {steps} steps (* = best validation accuracy, the rho used below)\n"
+            + harness.markdown_table(header, rows))
 
 
 def seeds_table(rows, seeds) -> str:
-    lines = [f"test accuracy over seeds {', '.join(map(str, seeds))}",
-             "| method | test accuracy (mean ± sd) | per seed | validation (mean) | train s (median) |",
-             "|---|---|---|---|---|"]
+    cells = []
     for name, runs in rows:
         mean, sd = mean_std([r["test_accuracy"] for r in runs])
-        per_seed = ", ".join(f"{r['test_accuracy']:.4f}" for r in runs)
-        val = statistics.fmean(r["eval_accuracy"] for r in runs)
-        seconds = statistics.median(r["train_runtime_s"] for r in runs)
-        lines.append(f"| {name} | {mean:.4f} ± {sd:.4f} | {per_seed} | {val:.4f} | {seconds:.0f} |")
-    return "\n".join(lines)
+        cells.append([name, f"{mean:.4f} ± {sd:.4f}", ", ".join(f"{r['test_accuracy']:.4f}" for r in runs),
+                      f"{statistics.fmean(r['eval_accuracy'] for r in runs):.4f}",
+                      f"{statistics.median(r['train_runtime_s'] for r in runs):.0f}"])
+    header = ["method", "test accuracy (mean ± sd)", "per seed", "validation (mean)", "train s (median)"]
+    return f"test accuracy over seeds {', '.join(map(str, seeds))}\n" + harness.markdown_table(header, cells)
 
 
 if __name__ == "__main__":

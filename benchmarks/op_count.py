@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 
+import harness
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -42,7 +42,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SIZES = {"small": 5, "large": 65}  # Linear layers: 10 and 130 parameter tensors
 CONFIGS = {
     "adamw": None,
@@ -158,11 +157,10 @@ def count(xsam_class, config: str, layers: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     sam = {r["tensors"]: r["ops"] for r in rows if r["config"] == "sam"}
-    lines = [f"{'config':<12} {'tensors':>7} {'ops/step':>9} {'vs SAM':>7} {'syncs':>6} {'reads':>6}"]
-    for r in rows:
-        extra = r["ops"] - sam[r["tensors"]]
-        lines.append(f"{r['config']:<12} {r['tensors']:>7} {r['ops']:>9} {extra:>+7} {r['syncs']:>6} {r['reads']:>6}")
-    return "\n".join(lines)
+    columns = [("config", 12, ""), ("tensors", 7, ""), ("ops/step", 9, ""), ("vs SAM", 7, "+"), ("syncs", 6, ""),
+               ("reads", 6, "")]
+    return harness.fixed_table(columns, [(r["config"], r["tensors"], r["ops"], r["ops"] - sam[r["tensors"]],
+                                          r["syncs"], r["reads"]) for r in rows], sep=" ")
 
 
 def main(argv=None) -> list[dict]:
@@ -179,10 +177,10 @@ def main(argv=None) -> list[dict]:
     if not args.no_save:
         source = args.module or "hf_xsam/xsam.py"
         header = f"# benchmarks/op_count.py on {source}, torch {torch.__version__}, CPU\n"
-        with open(os.path.join(RESULTS, f"{args.name}.txt"), "w") as f:
+        with open(os.path.join(harness.RESULTS, f"{args.name}.txt"), "w") as f:
             f.write(header + text + "\n")
-        with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as f:
-            json.dump(dict(source=source, torch=torch.__version__, rows=rows), f, indent=1)
+        harness.write_json(os.path.join(harness.RESULTS, f"{args.name}.json"),
+                           dict(source=source, torch=torch.__version__, rows=rows))
     return rows
 
 

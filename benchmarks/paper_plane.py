@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 
+import harness
+import paper_regime  # the model and the data loader of the run that wrote the checkpoint
 import torch
 from torch.nn import functional as F
 
 from hf_xsam import XSAM
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import paper_regime  # noqa: E402  (the model and the data loader of the run that wrote the checkpoint)
 
 
 def flat_grad(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -81,30 +79,13 @@ def pick_batch(model, x_train, y_train, args) -> tuple[int, dict]:
 
 
 def draw(grid: torch.Tensor, axis: torch.Tensor, found: dict, args, batch: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     psi, alpha, rho, rho_max = found["psi"], found["alpha"], args.rho, 2 * args.rho
-    fig, (ax, arc) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw=dict(width_ratios=[1.15, 1]))
-    contour = ax.contourf(axis, axis, grid.numpy(), levels=30, cmap="viridis")
-    fig.colorbar(contour, ax=ax, label="loss on the batch")
-    circle = torch.linspace(0, 2 * math.pi, 200)
-    for radius, style in ((rho, "-"), (rho_max, "--")):
-        ax.plot(radius * torch.cos(circle), radius * torch.sin(circle), "w" + style, lw=1,
-                label=f"{'rho' if radius == rho else 'rho_max'} = {radius:g}")
+    fig, (ax, arc) = harness.pyplot().subplots(1, 2, figsize=(12, 5.2), gridspec_kw=dict(width_ratios=[1.15, 1]))
     arrows = (("g0 = v0 (alpha=0)", 0.0, "tab:orange"), ("SAM: v1 (alpha=1)", psi, "tab:red"),
               (f"XSAM: v(alpha*={alpha:.1f})", alpha * psi, "magenta"))
-    for name, angle, color in arrows:
-        ax.annotate("", xy=(rho_max * math.cos(angle), rho_max * math.sin(angle)), xytext=(0, 0),
-                    arrowprops=dict(arrowstyle="-|>", color=color, lw=2.2))
-        ax.plot([], [], color=color, lw=2.2, label=name)
-    ax.plot([0], [0], "k*", ms=12, label="theta_0")
-    ax.set_xlabel("along v0 (the ascent direction)")
-    ax.set_ylabel("along v1's part orthogonal to v0")
+    harness.draw_plane(fig, ax, axis, grid, [(rho, "-", f"rho = {rho:g}"), (rho_max, "--", f"rho_max = {rho_max:g}")],
+                       arrows, rho_max, colorbar="loss on the batch", arrowstyle="-|>", lw=2.2)
     ax.set_title(f"loss on the (v0, v1) plane; rho={rho:g}, psi={psi:.2f} rad")
-    ax.set_aspect("equal")
     ax.legend(loc="lower left", fontsize=8, framealpha=0.7)
 
     arc.plot(found["probe_alphas"], found["probe_losses"], "k.-", label="loss at theta_0 + rho_max v(alpha)")
@@ -115,8 +96,7 @@ def draw(grid: torch.Tensor, axis: torch.Tensor, found: dict, args, batch: int) 
     arc.set_ylabel("loss on the batch")
     arc.set_title(f"the probe arc at rho_max={rho_max:g} (batch {batch})")
     arc.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
+    harness.save_figure(fig, args.out)
     print(f"wrote {args.out}")
 
 
@@ -153,10 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     sl = slice(batch * args.batch_size, (batch + 1) * args.batch_size)
     x, y = x_train[sl], y_train[sl]
     theta_0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-    u = found["g0"] / found["g0"].norm()
-    v1 = found["g1"] / found["g1"].norm()
-    w = v1 - (v1 @ u) * u
-    w = w / w.norm()
+    u, w = harness.plane_basis(found["g0"], found["g1"])
     extent = args.extent or 1.5 * 2 * args.rho
     axis = torch.linspace(-extent, extent, args.resolution)
     grid = torch.tensor([[loss_at(model, theta_0, a * u + b * w, x, y) for a in axis] for b in axis])

@@ -48,6 +48,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import harness
 import numpy as np
 import torch
 from torch import nn
@@ -368,12 +369,7 @@ def format_table(rows: list[dict], runs: list[dict]) -> str:
 
 def plot_k(rows: list[dict], path: str) -> None:
     """Test accuracy against k: SAM and XSAM (probe once per epoch) per rho; SGD as a band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = harness.pyplot().subplots(figsize=(6.4, 4.4))
     sgd = [r for r in rows if r["method"] == "sgd"]
     if sgd:
         m, s = sgd[0]["test_acc"], sgd[0]["test_acc_sd"]
@@ -394,9 +390,7 @@ def plot_k(rows: list[dict], path: str) -> None:
     ax.set_xlabel("ascent steps k")
     ax.set_ylabel("test accuracy (mean +- sd over seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------- command line
@@ -487,8 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     with open(f"{args.out}.txt", "w") as f:
         f.write(f"{header}\n{steps_per_epoch} steps/epoch x {args.epochs} epochs = {total} steps\n{table}\n")
-    with open(f"{args.out}.json", "w") as f:
-        json.dump(dict(args=vars(args), steps_per_epoch=steps_per_epoch, rows=rows), f, indent=1)
+    harness.write_json(f"{args.out}.json", dict(args=vars(args), steps_per_epoch=steps_per_epoch, rows=rows))
     plot_k(rows, f"{args.out}_k.png")
 
 

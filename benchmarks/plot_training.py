@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import harness
+
 
 def series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
     points = [(h["step"], h[key]) for h in log_history if key in h and "xsam/probe_losses" not in h]
@@ -24,18 +26,13 @@ def main() -> None:
     parser.add_argument("--out", default="training.png")
     args = parser.parse_args()
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     with open(args.trainer_state) as f:
         history = json.load(f)["log_history"]
     probes = [h for h in history if "xsam/probe_losses" in h]
     if not any("xsam/alpha" in h for h in history):
         raise ValueError(f"{args.trainer_state} has no xsam/* entries: was it trained with XSAMTrainer --optim xsam?")
 
-    fig, (ax_loss, ax_psi, ax_alpha) = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
+    fig, (ax_loss, ax_psi, ax_alpha) = harness.pyplot().subplots(3, 1, figsize=(7, 7), sharex=True)
     for key, label in (("loss", "loss at theta_0"), ("xsam/ascent_loss", "loss at the ascent point")):
         ax_loss.plot(*series(history, key), label=label)
     ax_loss.set_ylabel("loss")
@@ -48,8 +45,7 @@ def main() -> None:
     ax_alpha.set_ylabel("alpha")
     ax_alpha.set_xlabel("optimizer step")
     ax_alpha.legend()
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
+    harness.save_figure(fig, args.out)
     print(f"wrote {args.out} ({len(probes)} probes)")
 
 

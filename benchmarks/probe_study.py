@@ -21,21 +21,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
-import os
 import random
 import statistics
-import sys
 
+import harness
 import torch
 from transformers import TrainerCallback
 
 from hf_xsam import XSAM
 from hf_xsam.replay import RNGState
 from hf_xsam.xsam import fast_search
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
 class ProbeStudy(TrainerCallback):
@@ -177,26 +173,23 @@ def angle_vs_alpha(rows):
 
 def report(rows, sizes) -> tuple[str, dict]:
     agree, steady, angles = fast_vs_grid(rows), steadiness(rows, sizes), angle_vs_alpha(rows)
+    fast = [[f"{rho:g}", f"{a['probes']}", f"{a['exact']:.1%}", f"{a['within_one_point']:.1%}",
+             f"{a['mean_forwards']:.1f}, {a['max_forwards']}", f"{a['worst_loss_ratio']:.5f}"]
+            for rho, a in agree.items()]
+    angle = [[f"{t['step']}", f"{t['rho']:g}", f"{t['psi']:.3f}",
+              f"{t['alpha']:.1f}{' (edge)' if t['alpha_edge'] else ''}", f"{t['alpha_loss']:.4f}",
+              f"{t['angle_deg']:.1f} = {t['angle_alpha']:.2f}", f"{t['angle_loss']:.4f}",
+              f"{t['gain']:+.2%}"] for t in angles]
+    steady_cells = [[f"{rho:g}", *(f"{v['std']:.3f}, {v['mean_abs_gap']:.3f}" for v in per_k.values())]
+                    for rho, per_k in steady.items()]
     lines = ["fast search vs the 21-point grid, replayed on every recorded single-batch probe",
-             "| rho | probes | same alpha* | within one grid step | forwards (mean, max) | worst loss ratio |",
-             "|---|---|---|---|---|---|"]
-    for rho, a in agree.items():
-        lines.append(f"| {rho:g} | {a['probes']} | {a['exact']:.1%} | {a['within_one_point']:.1%} | "
-                     f"{a['mean_forwards']:.1f}, {a['max_forwards']} | {a['worst_loss_ratio']:.5f} |")
-    lines += ["", "angle space (21 angles over 0-90 deg) vs alpha range [0, 2], same plane, first batch",
-              "| step | rho | psi | alpha* (edge) | its loss | angle* (deg) = alpha | its loss | gain |",
-              "|---|---|---|---|---|---|---|---|"]
-    for t in angles:
-        edge = " (edge)" if t["alpha_edge"] else ""
-        lines.append(f"| {t['step']} | {t['rho']:g} | {t['psi']:.3f} | {t['alpha']:.1f}{edge}"
-                     f" | {t['alpha_loss']:.4f} | {t['angle_deg']:.1f} = {t['angle_alpha']:.2f} | "
-                     f"{t['angle_loss']:.4f} | {t['gain']:+.2%} |")
-    lines += ["", "steadiness: alpha* from the mean probe loss over K batches (same plane)",
-              "| rho | " + " | ".join(f"K={k}: sd, mean gap to all" for k in sizes) + " |",
-              "|---|" + "---|" * len(sizes)]
-    for rho, per_k in steady.items():
-        lines.append(f"| {rho:g} | " + " | ".join(f"{v['std']:.3f}, {v['mean_abs_gap']:.3f}" for v in per_k.values())
-                     + " |")
+             harness.markdown_table(["rho", "probes", "same alpha*", "within one grid step", "forwards (mean, max)",
+                                     "worst loss ratio"], fast),
+             "", "angle space (21 angles over 0-90 deg) vs alpha range [0, 2], same plane, first batch",
+             harness.markdown_table(["step", "rho", "psi", "alpha* (edge)", "its loss", "angle* (deg) = alpha",
+                                     "its loss", "gain"], angle),
+             "", "steadiness: alpha* from the mean probe loss over K batches (same plane)",
+             harness.markdown_table(["rho", *(f"K={k}: sd, mean gap to all" for k in sizes)], steady_cells)]
     return "\n".join(lines), {"fast_vs_grid": agree, "steadiness": steady, "angle_vs_alpha": angles}
 
 
@@ -212,13 +205,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batches < 2 or min(args.checkpoints) < 1:
         raise ValueError(f"--batches={args.batches} must be >= 2 and --checkpoints={args.checkpoints} >= 1")
-    sys.path.insert(0, EXAMPLES)
-    if args.task == "text":
-        from text_classification import main as example
-        batch_size = 16
-    else:
-        from image_classification import main as example
-        batch_size = 32
+    example = harness.example("text_classification" if args.task == "text" else "image_classification").main
+    batch_size = 16 if args.task == "text" else 32
     study = ProbeStudy(args.checkpoints, args.rhos, args.batches, batch_size, args.seed)
     argv = ["--output_dir", f"/tmp/hf_xsam_probe_study_{args.task}", "--optim", "xsam", "--seed", str(args.seed),
             "--max_steps", str(max(args.checkpoints)), "--disable_tqdm", "true", "--max_eval_samples", "100",
@@ -228,8 +216,7 @@ def main(argv=None):
     text, analysis = report(study.rows, sizes)
     print(text)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), "analysis": analysis, "rows": study.rows}, f, indent=1)
+        harness.write_json(args.json, {"args": vars(args), "analysis": analysis, "rows": study.rows})
     return analysis
 
 

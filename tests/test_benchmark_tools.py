@@ -1,11 +1,14 @@
-"""The plotting commands documented in the README run on a real XSAMTrainer run's state."""
+"""The benchmark tools: the plotting commands documented in the README (on a real XSAMTrainer run's state) and
+the shared harness of benchmarks/ (interleaved timing, tables)."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import tiny_bert, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,3 +32,48 @@ def test_plot_training_refuses_a_run_without_xsam(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode != 0
     assert "has no xsam/* entries" in result.stderr
+
+
+def _harness():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import harness
+
+    return harness
+
+
+def test_interleave_times_the_configurations_round_robin_and_returns_one_median_each():
+    harness = _harness()
+    calls = []
+    fns = {"b": lambda: calls.append("b"), "a": lambda: calls.append("a"), ("c", 2): lambda: calls.append("c")}
+    measured = harness.interleave(fns, rounds=3, number={"b": 1, "a": 4, ("c", 2): 2})
+    assert list(measured) == ["b", "a", ("c", 2)]  # the order of fns
+    runs = [(key, len(list(group))) for key, group in itertools.groupby(calls)]
+    assert [key for key, _ in runs] == ["b", "a", "c"] * 3  # each round times every configuration once, in order
+    warmup = {n - {"b": 1, "a": 4, "c": 2}[key] for key, n in runs}
+    assert len(warmup) == 1 and warmup.pop() >= 0  # every block: the Timer's fixed warm-up, then `number` calls
+    for m in measured.values():
+        assert len(m.times) == 3  # one mean per round
+        assert isinstance(m.median, float) and min(m.times) <= m.median <= max(m.times)
+
+
+def test_interleave_refuses_zero_rounds():
+    harness = _harness()
+    with pytest.raises(ValueError, match="rounds=0 is invalid"):
+        harness.interleave({"a": lambda: None}, rounds=0)
+
+
+def test_fixed_table_aligns_formats_and_leaves_short_rows_unpadded():
+    harness = _harness()
+    columns = [("config", 8, ""), ("s/step", 8, ".3f"), ("vs sam", 7, "+.2f")]
+    text = harness.fixed_table(columns, [("adamw", 0.5, -0.5), ("sam", 1.25, 0.0), ("xsam", 2)])
+    assert text == ("config    s/step vs sam\n"
+                    "adamw      0.500  -0.50\n"
+                    "sam        1.250  +0.00\n"
+                    "xsam       2.000")
+    assert harness.fixed_table([("a", 3, ""), ("b", 4, "d")], [("x", 7)], sep=" ") == "a      b\nx      7"
+
+
+def test_markdown_table():
+    harness = _harness()
+    assert harness.markdown_table(["rho", "test"], [["0.05", "0.9500"], ["0.5", "0.4400"]]) == (
+        "| rho | test |\n|---|---|\n| 0.05 | 0.9500 |\n| 0.5 | 0.4400 |")
