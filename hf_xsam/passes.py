@@ -89,11 +89,6 @@ def sharpness_passes(
             total = share if total is None else total + share
         return total
 
-    for _ in range(opt.ascent_steps):
-        opt.ascent_step()
-        opt.zero_grad(set_to_none=True)
-        info.ascent_loss = pass_set(True, batches)
-
     probe_fn = None
     if opt.probe_due if probe is None else probe:
         def probe_fn() -> torch.Tensor:
@@ -102,6 +97,15 @@ def sharpness_passes(
                 total = (total + pass_set(False, probe_extra)) * (len(batches) / (len(batches) + len(probe_extra)))
             return total
 
-    info.direction = opt.set_direction(probe_fn, reduce_losses)
-    rng_after.restore()
+    try:
+        for _ in range(opt.ascent_steps):
+            opt.ascent_step()
+            opt.zero_grad(set_to_none=True)
+            info.ascent_loss = pass_set(True, batches)
+        info.direction = opt.set_direction(probe_fn, reduce_losses)
+    except BaseException:  # e.g. out of memory in a replay: leave the weights at theta_0 for whoever retries
+        opt.discard_step()
+        raise
+    finally:
+        rng_after.restore()
     return info

@@ -12,7 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.distributed.fsdp import is_fsdp_managed_module
 
 from hf_xsam.hyperparameters import HYPERPARAMETERS, PREFIX
@@ -46,11 +46,13 @@ class XSAMMixin:
     * ``local``: each micro-batch on each process ascends along its own gradient (m-sharpness with m = the
       micro-batch); the directions are summed over the window and averaged over processes in one all-reduce.
 
-    Loss weighting: each pass back-propagates the micro-batch's mean loss times its share of the step, its
-    number of label items (tokens for a token-level loss, examples for a sequence-level one, counted as the
-    Trainer counts ``num_items_in_batch``) over the step's; without a count, 1 / the window's micro-batches.
-    So a causal LM's padded tokens weigh nothing and every real token weighs the same, whatever micro-batch it
-    is in, and no model has to honour ``num_items_in_batch`` itself.
+    Loss weighting: every pass scales a micro-batch's loss exactly as the Trainer's own step does (the model's
+    or ``compute_loss_func``'s normalisation by ``num_items_in_batch``, else the division by the accumulation
+    steps; ``loss_is_scaled_for_ga`` decides, as upstream). So ``--xsam_rho 0`` is the plain Trainer bitwise, and
+    the step's batch trains like one large batch exactly when the plain Trainer's accumulation does. A model
+    whose forward takes ``**kwargs`` but ignores ``num_items_in_batch`` (``BertForSequenceClassification``) sums
+    the micro-batches' mean losses under the plain Trainer and here alike: set ``loss_is_scaled_for_ga = False``
+    on the trainer class (or ``model.accepts_loss_kwargs = False``) to have both divide by the steps.
 
     Logged (with the training loss): ``xsam/alpha``, ``xsam/psi`` (mean angle between v0 and v1, radians),
     ``xsam/ascent_loss`` (mean loss at the ascent point), ``xsam/probe_loss_max`` (largest loss of the latest
@@ -62,21 +64,47 @@ class XSAMMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._xsam_start_run()
+        # every training run (train() again, each retry of auto_find_batch_size) starts from a clean window
+        self.add_callback(_RunStart(self))
+
+    def _xsam_start_run(self) -> None:
+        """Forget what an earlier run left: its logs, its unfinished accumulation window (an out-of-memory error
+        may strike mid-window), the micro-batches kept for the probe."""
         self._xsam_logs: dict[str, list] = {"psi": [], "ascent_loss": [], "probe_loss_max": []}
         self._xsam_window: list[MicroBatch] = []  # this step's micro-batches so far (global mode)
         # micro-batches trained on before, for a probe averaged over xsam_probe_batches of them (validated >= 1)
         keep = self.args.xsam_probe_batches - 1 if self._xsam_enabled else 0
-        self._xsam_recent: collections.deque = collections.deque(maxlen=keep)
-        if self._xsam_enabled:
-            self._check_xsam_compatible()
+        self._xsam_recent: collections.deque = collections.deque(maxlen=max(keep, 0))
 
     # ------------------------------------------------------------------ set-up
     @property
     def _xsam_enabled(self) -> bool:
         return getattr(self.args, "xsam_enabled", False)
 
-    def _check_xsam_compatible(self) -> None:
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial=None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ):
+        """`Trainer.train`, after the checks that only training needs (so a trainer built for evaluation or
+        prediction alone is never refused)."""
+        if self._xsam_enabled:
+            self._check_xsam_trainable()
+        elif _find_xsam(self.optimizer) is not None:
+            optim = getattr(self.args.optim, "value", self.args.optim)  # TrainingArguments holds an enum
+            raise ValueError(
+                f"optimizers=(XSAM(...), ...) was given with optim={optim!r}: the trainer runs XSAM's "
+                "passes only with optim='xsam' or 'sam' (otherwise XSAM.step() would be a plain base-optimizer "
+                "step). Set optim='xsam', or pass the base optimizer itself."
+            )
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval)
+
+    def _check_xsam_trainable(self) -> None:
         optim = self.args.optim
+        self.args._validate_xsam(optim)  # again: a hyperparameter search may have set the flags since
         if self.is_deepspeed_enabled:
             raise ValueError(
                 f"optim={optim!r} cannot run under DeepSpeed: its engine steps the optimizer inside backward, so "
@@ -90,9 +118,9 @@ class XSAMMixin:
             )
         if self.args.torch_compile:
             raise ValueError(
-                f"optim={optim!r} does not support torch_compile=True yet: compiled dropout does not replay when XSAM "
-                "restores the random number generator (measured on torch 2.13: the probe's masks differ from the "
-                "theta_0 pass), so the probe would measure dropout noise. Train without --torch_compile."
+                f"optim={optim!r} does not support torch_compile=True yet: a compiled model replays neither its "
+                "dropout masks nor BatchNorm's frozen statistics in XSAM's extra passes (measured on torch 2.13), so "
+                "the ascent and the probe would see another batch than theta_0 did. Train without --torch_compile."
             )
         if self.args.n_gpu > 1:
             raise ValueError(
@@ -110,8 +138,13 @@ class XSAMMixin:
             )
 
     def create_optimizer(self, model=None):
+        """The base optimizer exactly as Trainer builds it for ``--xsam_base_optim`` (or from ``optimizers`` /
+        ``optimizer_cls_and_kwargs`` when given), wrapped in XSAM. An XSAM already there is kept as it is, however
+        Accelerate wrapped it: ``train()`` called again, and each retry of ``auto_find_batch_size``, come back here."""
         if not self._xsam_enabled:
             return super().create_optimizer(model)
+        if _find_xsam(self.optimizer) is not None:
+            return self.optimizer
         if self.optimizer is None:
             requested = self.args.optim
             self.args.optim = self.args.xsam_base_optim  # build the base exactly as Trainer would
@@ -119,18 +152,16 @@ class XSAMMixin:
                 super().create_optimizer(model)
             finally:
                 self.args.optim = requested
-        if not isinstance(self.optimizer, XSAM):
+        if _find_xsam(self.optimizer) is None:  # the base (or an optimizer the user passed): wrap it
             self.optimizer = XSAM(None, self.optimizer, **self.args.xsam_kwargs())
         return self.optimizer
 
     @property
     def xsam(self) -> XSAM:
         """The XSAM optimizer under Accelerate's wrapper."""
-        opt = self.optimizer
-        while not isinstance(opt, XSAM):
-            if not hasattr(opt, "optimizer"):
-                raise RuntimeError("trainer.xsam: the optimizer is not an XSAM (is args.optim 'xsam' or 'sam'?)")
-            opt = opt.optimizer
+        opt = _find_xsam(self.optimizer)
+        if opt is None:
+            raise RuntimeError("trainer.xsam: the optimizer is not an XSAM (is args.optim 'xsam' or 'sam'?)")
         return opt
 
     # ------------------------------------------------------------------ the training step
@@ -199,76 +230,37 @@ class XSAMMixin:
         return self.accelerator.no_sync(model)
 
     def _xsam_theta_0_pass(self, model: nn.Module, inputs: dict, num_items_in_batch):
-        """The Trainer's own training step on this micro-batch, weighted by its share of the step; returns it as a
-        replayable `MicroBatch` and the loss the Trainer logs."""
-        share = self._xsam_share_of(inputs, num_items_in_batch)
+        """The Trainer's own training step on this micro-batch, untouched; returns it as a replayable `MicroBatch`
+        and the loss the Trainer logs. Every replay scales its loss as that step did (``num_items_in_batch``, the
+        division by the accumulation steps), so XSAM's passes weigh micro-batches and tokens exactly as the plain
+        Trainer does, whatever the model, the loss or the trainer class."""
         rng = RNGState.capture(self.xsam.devices)
         upstream_step = super().training_step
-        with self._xsam_weighted(share):
-            loss = upstream_step(model, inputs, num_items_in_batch)
+        loss = upstream_step(model, inputs, num_items_in_batch)
 
         def run(backward: bool) -> torch.Tensor:  # a replay: compute_loss's bookkeeping stays as theta_0 left it
-            with _bookkeeping_kept(self), self._xsam_weighted(share):
+            with _bookkeeping_kept(self):
                 if backward:
                     return upstream_step(model, inputs, num_items_in_batch)
-                with torch.no_grad(), self.compute_loss_context_manager():
-                    return self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=None)
+                return self._xsam_forward_loss(model, inputs, num_items_in_batch)
 
         return MicroBatch(run=run, rng=rng), loss
 
-    @contextlib.contextmanager
-    def _xsam_weighted(self, share):
-        """Inside, ``self.compute_loss`` (whatever class defines it: ours, trl's, a user's override) returns the
-        micro-batch's mean loss times ``share``, and the Trainer, told that the loss is already scaled for
-        accumulation, back-propagates it as it is. Set on the instance, so no override can bypass it."""
-        compute_loss = type(self).compute_loss.__get__(self)
-
-        def weighted(model, inputs, return_outputs=False, num_items_in_batch=None):
-            # the micro-batch's mean loss (num_items_in_batch not forwarded: models that ignore it, and
-            # average_tokens_across_devices, cannot change the scale), weighted here
-            result = compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
-            loss = result[0] if return_outputs else result
-            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
-                raise ValueError(
-                    f"XSAM needs a scalar loss, but compute_loss returned {type(loss).__name__}"
-                    f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}: does the model get labels?"
-                )
-            loss = loss.reshape(()) * share
-            return (loss, result[1]) if return_outputs else loss
-
-        previous = self.__dict__.get("loss_is_scaled_for_ga", _UNSET)
-        self.compute_loss, self.loss_is_scaled_for_ga = weighted, True
-        try:
-            yield
-        finally:
-            del self.compute_loss
-            if previous is _UNSET:
-                del self.loss_is_scaled_for_ga
-            else:
-                self.loss_is_scaled_for_ga = previous
-
-    def _xsam_share_of(self, inputs: dict, num_items_in_batch) -> torch.Tensor | float:
-        """This micro-batch's weight in the step's loss: its label items over the step's (the Trainer's
-        ``num_items_in_batch``, summed over processes when ``average_tokens_across_devices``: then times the number
-        of processes, since DDP averages the gradients), or 1 / the window's micro-batches without a count."""
-        items = self._xsam_items(inputs)
-        if items is None or num_items_in_batch is None:
-            return 1.0 / self.current_gradient_accumulation_steps
-        share = items.to(torch.float64) / torch.as_tensor(num_items_in_batch, dtype=torch.float64,
-                                                        device=items.device)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            share = share * self.accelerator.num_processes
-        return share.float()
-
-    def _xsam_items(self, inputs: dict) -> torch.Tensor | None:
-        """Label items in one micro-batch, counted as `Trainer._get_num_items_in_batch` counts them."""
-        if "shift_labels" in inputs:
-            labels = inputs["shift_labels"]
-        elif isinstance(inputs.get("labels"), torch.Tensor):
-            labels = inputs["labels"][..., 1:] if getattr(self, "_loss_shifts_labels", False) else inputs["labels"]
-        else:
-            return None
-        return labels.ne(-100).sum()
+    def _xsam_forward_loss(self, model: nn.Module, inputs: dict, num_items_in_batch) -> torch.Tensor:
+        """The loss `Trainer.training_step` would back-propagate, without the backward (the probe's points)."""
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items_in_batch)
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+            raise ValueError(
+                f"XSAM needs a scalar loss, but compute_loss returned {type(loss).__name__}"
+                f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}: does the model get labels?"
+            )
+        # the scaling for accumulation, decided as Trainer.training_step decides it
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None)
+        return loss if scaled else loss / self.current_gradient_accumulation_steps
 
     # ------------------------------------------------------------------ logging and model card
     def _record(self, passes) -> None:
@@ -348,7 +340,6 @@ class XSAMMixin:
         card.save(path)
 
 
-_UNSET = object()
 _PLAIN = (type(None), bool, int, float, str)
 _DATA_ATTRIBUTES = frozenset({"train_dataset", "eval_dataset"})  # the data, however plainly it is held
 
@@ -392,6 +383,23 @@ def _bookkeeping_kept(trainer):
     finally:
         for name, value in saved.items():
             setattr(trainer, name, value)
+
+
+def _find_xsam(optimizer) -> XSAM | None:
+    """The XSAM under any wrappers (Accelerate's `AcceleratedOptimizer`), or None."""
+    while optimizer is not None and not isinstance(optimizer, XSAM):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+class _RunStart(TrainerCallback):
+    """Starts each training run of an `XSAMMixin` trainer afresh (see `XSAMMixin._xsam_start_run`)."""
+
+    def __init__(self, trainer: XSAMMixin):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._xsam_start_run()
 
 
 class XSAMTrainer(XSAMMixin, Trainer):

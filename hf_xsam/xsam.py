@@ -161,8 +161,9 @@ class XSAM(Optimizer):
                     else value for name, value in settings.items()}
         defaults.update(xsam_angle=None, xsam_step=0)
         # Optimizer.__init__ adds our defaults to the base optimizer's own group dicts; then we share its
-        # groups and state, so schedulers, state_dict() and the base step all see one set.
-        super().__init__(base.param_groups, defaults)
+        # groups and state, so schedulers, state_dict() and the base step all see one set. The base's defaults
+        # come too: schedulers read them (transformers' polynomial and min-lr cosine read defaults["lr"]).
+        super().__init__(base.param_groups, {**base.defaults, **defaults})
         self.base_optimizer = base
         self.param_groups = base.param_groups
         self.state = base.state
@@ -430,6 +431,17 @@ class XSAM(Optimizer):
         finally:
             for p, grad in zip(params, kept):
                 p.grad = grad
+
+    @torch.no_grad()
+    def discard_step(self) -> None:
+        """Abandon the step in progress: the weights go back to theta_0 if an ascent moved them, and the
+        micro-batches given to `backward` are dropped (``.grad`` is left as it is: zero it before the next step).
+        The pass driver calls this when a pass raises, e.g. out of memory, so a caller that retries (the Trainer's
+        ``auto_find_batch_size``) resumes from unperturbed weights."""
+        if self._active:
+            self._restore_theta_0()
+        self._active = []
+        self._window = []
 
     def _base_step(self):
         self._active = []

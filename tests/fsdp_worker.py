@@ -74,7 +74,7 @@ def main() -> None:
 
 
 def trainer_run(out: str, optim: str, rank: int) -> None:
-    from helpers import make_args, text_data, tiny_bert
+    from helpers import like_one_batch, make_args, text_data, tiny_bert
     from transformers import BertForSequenceClassification, DistributedConfig
 
     from hf_xsam import XSAMTrainer
@@ -83,7 +83,8 @@ def trainer_run(out: str, optim: str, rank: int) -> None:
     if rank == 0:
         tiny_bert(dropout=0.0).save_pretrained(folder)
     dist.barrier()
-    model = BertForSequenceClassification.from_pretrained(folder, distributed_config=DistributedConfig(fsdp_size=2))
+    model = like_one_batch(
+        BertForSequenceClassification.from_pretrained(folder, distributed_config=DistributedConfig(fsdp_size=2)))
     trainer = XSAMTrainer(model=model, train_dataset=text_data(n=64), args=make_args(
         os.path.join(out, f"trainer_{optim}"), optim=optim, xsam_rho=0.1, xsam_probe_every=2, xsam_base_optim="sgd",
         learning_rate=0.5, max_steps=3, train_sampling_strategy="sequential", per_device_train_batch_size=2,

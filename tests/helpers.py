@@ -6,9 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import (
     BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
     ResNetConfig,
     ResNetForImageClassification,
     ViTConfig,
@@ -104,6 +109,15 @@ def tiny_bert(seed: int = 0, dropout: float = 0.1, num_labels: int = 3, vocab_si
     return BertForSequenceClassification(config)
 
 
+def like_one_batch(model: nn.Module) -> nn.Module:
+    """BERT's forward takes ``**kwargs`` but ignores ``num_items_in_batch``, so Transformers' Trainer sums the
+    mean losses of a step's micro-batches (and multiplies by the processes with ``average_tokens_across_devices``),
+    under a built-in optimizer and XSAM alike. ``accepts_loss_kwargs = False`` makes it divide each mean loss by
+    the accumulation steps and count no items: then any split of a step's batch trains like the whole batch."""
+    model.accepts_loss_kwargs = False
+    return model
+
+
 def build_bert(seed: int = 0) -> nn.Module:
     # initializer_range 0.05 rather than 0.02: at 0.02 the attention is uniform and the query/key gradients are
     # ~1e-8, where AdamW turns float32 rounding into full-size steps and no two implementations agree to 1e-5
@@ -128,6 +142,38 @@ BERT = Task("bert", build_bert, bert_batch, bert_loss, rho=0.2,
             base_kwargs={"sgd": dict(lr=0.05, momentum=0.9), "adamw": dict(lr=1e-4, eps=1e-6, weight_decay=0.01)})
 TASKS = {task.name: task for task in (MLP, BERT)}
 BASES = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+
+# ---------------------------------------------------------------------- a tiny causal LM and its tokenizer
+WORDS = "the a market rose fell sharply today as shares bank rates film star won award match team goal".split()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built in code (no download)."""
+    vocab = {word: i for i, word in enumerate(["[PAD]", "[UNK]", "[EOS]", *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   eos_token="[EOS]")
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama over the word-level vocabulary of `tiny_tokenizer`."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         eos_token_id=2, bos_token_id=2)
+    return LlamaForCausalLM(config)
+
+
+def sentences(n: int = 16, seed: int = 3) -> Dataset:
+    """n seeded sentences of 3 to 11 words, as a `text` column."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(3, 12, (1,), generator=g))
+        rows.append(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (length,), generator=g)))
+    return Dataset.from_dict({"text": rows})
 
 
 # ---------------------------------------------------------------------- Trainer runs

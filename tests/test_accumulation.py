@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import hand_written_sam, params_of, text_data, tiny_bert, train
+from helpers import hand_written_sam, like_one_batch, params_of, text_data, tiny_bert, train
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_xsam import XSAMTrainer
@@ -32,9 +32,10 @@ def assert_same_run(a, b) -> None:
 def test_accumulation_4_x_2_trains_like_one_batch_of_8(tmp_path, optim):
     data = text_data(n=24)
     settings = dict(SGD, optim=optim, xsam_rho=0.2, xsam_probe_every=2, max_steps=3)
-    split = train(tiny_bert(dropout=0.0), tmp_path / "split", data, per_device_train_batch_size=2,
+    split = train(like_one_batch(tiny_bert(dropout=0.0)), tmp_path / "split", data, per_device_train_batch_size=2,
                   gradient_accumulation_steps=4, **settings)
-    whole = train(tiny_bert(dropout=0.0), tmp_path / "whole", data, per_device_train_batch_size=8, **settings)
+    whole = train(like_one_batch(tiny_bert(dropout=0.0)), tmp_path / "whole", data, per_device_train_batch_size=8,
+                  **settings)
     assert_same_run(split, whole)
     assert len(probes(split)) == (2 if optim == "xsam" else 0)
     if optim == "xsam":
@@ -53,10 +54,10 @@ def test_the_epochs_last_shorter_window_weighs_examples_not_micro_batches(tmp_pa
     example still weighs 1/4 of that step's loss."""
     data = text_data(n=20)
     settings = dict(SGD, optim=optim, xsam_rho=0.2, xsam_probe_every=1, num_train_epochs=1)
-    split = train(tiny_bert(dropout=0.0), tmp_path / "split", data, per_device_train_batch_size=2,
+    split = train(like_one_batch(tiny_bert(dropout=0.0)), tmp_path / "split", data, per_device_train_batch_size=2,
                   gradient_accumulation_steps=4, max_steps=-1, **settings)
-    whole = train(tiny_bert(dropout=0.0), tmp_path / "whole", data, per_device_train_batch_size=8, max_steps=-1,
-                  **settings)
+    whole = train(like_one_batch(tiny_bert(dropout=0.0)), tmp_path / "whole", data, per_device_train_batch_size=8,
+                  max_steps=-1, **settings)
     assert split.state.global_step == whole.state.global_step == 3
     assert_same_run(split, whole)
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import make_args, text_data, tiny_bert
+from helpers import like_one_batch, make_args, text_data, tiny_bert
 
 from hf_xsam import XSAMTrainer
 
@@ -81,7 +81,7 @@ def test_global_mode_equals_one_process_with_the_whole_batch(ddp_results, tmp_pa
     """2 processes x M micro-batches of b train like 1 process with one batch of 2*M*b."""
     config = dict(CONFIGS[name])
     config["per_device_train_batch_size"] *= 2 * config.pop("gradient_accumulation_steps", 1)
-    model = tiny_bert(dropout=0.0)
+    model = like_one_batch(tiny_bert(dropout=0.0))
     trainer = XSAMTrainer(model=model, train_dataset=text_data(n=64),
                           args=make_args(tmp_path, train_sampling_strategy="sequential", **config))
     trainer.train()

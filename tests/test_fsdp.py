@@ -74,12 +74,12 @@ def test_trainer_on_a_model_sharded_at_load_equals_one_process(fsdp_results, tmp
     """XSAMTrainer on a model Transformers sharded at load time (FSDP2, 2 processes x 2 micro-batches of 2) trains
     like one unsharded process with batches of 8: the replays reshard the root after probe forwards, and hold back
     the reduction with the Trainer's own FSDP2 switch."""
-    from helpers import make_args, text_data, tiny_bert
+    from helpers import like_one_batch, make_args, text_data, tiny_bert
 
     from hf_xsam import XSAMTrainer
 
     rank0, rank1 = fsdp_results[f"trainer_{optim}"]
-    trainer = XSAMTrainer(model=tiny_bert(dropout=0.0), train_dataset=text_data(n=64), args=make_args(
+    trainer = XSAMTrainer(model=like_one_batch(tiny_bert(dropout=0.0)), train_dataset=text_data(n=64), args=make_args(
         tmp_path, optim=optim, xsam_rho=0.1, xsam_probe_every=2, xsam_base_optim="sgd", learning_rate=0.5,
         max_steps=3, train_sampling_strategy="sequential", per_device_train_batch_size=8))
     trainer.train()

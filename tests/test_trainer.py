@@ -10,6 +10,7 @@ from helpers import (
     assert_params_equal,
     hand_written_sam,
     image_data,
+    like_one_batch,
     make_args,
     max_change,
     params_of,
@@ -51,16 +52,21 @@ def test_rho_zero_equals_trainer_with_the_base_optimizer(tmp_path):
     assert_params_equal(params_of(reference), params_of(model))
 
 
-def test_rho_zero_with_accumulation_equals_correctly_scaled_trainer(tmp_path):
+def test_rho_zero_with_accumulation_follows_the_trainers_own_loss_scaling(tmp_path):
+    """``loss_is_scaled_for_ga = False`` (the Trainer's switch for a loss that is a per-batch mean) is honoured by
+    every pass: at rho 0 the run equals the plain Trainer's with the same switch, bitwise."""
     class ScaledTrainer(Trainer):
         loss_is_scaled_for_ga = False  # BERT ignores num_items_in_batch: make Trainer divide by the steps
+
+    class ScaledXSAMTrainer(XSAMTrainer):
+        loss_is_scaled_for_ga = False
 
     reference = tiny_bert()
     train(reference, tmp_path / "ref", trainer_cls=ScaledTrainer, optim="sgd", learning_rate=0.5,
           gradient_accumulation_steps=2, max_steps=3)
     model = tiny_bert()
-    train(model, tmp_path / "xsam", optim="sam", xsam_rho=0.0, xsam_base_optim="sgd", learning_rate=0.5,
-          gradient_accumulation_steps=2, max_steps=3)
+    train(model, tmp_path / "xsam", trainer_cls=ScaledXSAMTrainer, optim="sam", xsam_rho=0.0, xsam_base_optim="sgd",
+          learning_rate=0.5, gradient_accumulation_steps=2, max_steps=3)
     assert_params_equal(params_of(reference), params_of(model))
 
 
@@ -98,7 +104,7 @@ def test_sam_with_sgd_equals_hand_written_sam(tmp_path, accumulation, perturbati
 def test_local_accumulation_gives_the_mean_of_micro_batch_directions_not_the_sum(tmp_path):
     # One step, two micro-batches, SGD lr 1: the update is exactly -(d1 + d2) / 2.
     data = text_data(n=8)
-    model = tiny_bert(dropout=0.0)
+    model = like_one_batch(tiny_bert(dropout=0.0))  # the Trainer divides each micro-batch's mean loss by 2
     before = params_of(model)
     SequentialXSAMTrainer(
         model=model, train_dataset=data,

@@ -6,39 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from helpers import max_change, params_of
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from helpers import max_change, params_of, sentences, tiny_llama, tiny_tokenizer
 
 from hf_xsam import XSAMSFTConfig, XSAMSFTTrainer
-
-WORDS = "the a market rose fell sharply today as shares bank rates film star won award match team goal".split()
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer built in code (no download)."""
-    vocab = {word: i for i, word in enumerate(["[PAD]", "[UNK]", "[EOS]", *WORDS])}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                   eos_token="[EOS]")
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-                         eos_token_id=2, bos_token_id=2)
-    return LlamaForCausalLM(config)
-
-
-def sentences(n: int = 16, seed: int = 3) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        length = int(torch.randint(3, 12, (1,), generator=g))
-        rows.append(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (length,), generator=g)))
-    return Dataset.from_dict({"text": rows})
 
 
 def sft(output_dir, trainer_cls=XSAMSFTTrainer, model=None, **overrides):
