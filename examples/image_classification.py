@@ -237,6 +237,10 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> di
             ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
             dtype=torch.float32,  # float32 master weights (XSAM's norms want them); --bf16/--fp16 for mixed precision
         )
+    # The classification head averages over its micro-batch and ignores num_items_in_batch, though its forward takes
+    # **kwargs: let the Trainer divide by the accumulation steps (for every --optim alike), so that accumulation and
+    # processes train like one batch.
+    model.accepts_loss_kwargs = False
     sets = {split: ImageDataset(examples, processor) for split, examples in data.splits.items()}
 
     trainer = XSAMTrainer(

@@ -260,6 +260,10 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> di
     )
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    # The classification head averages over its micro-batch and ignores num_items_in_batch, though its forward takes
+    # **kwargs: let the Trainer divide by the accumulation steps (for every --optim alike), so that accumulation and
+    # processes train like one batch.
+    model.accepts_loss_kwargs = False
     if model_args.lora_r:
         from peft import LoraConfig, get_peft_model
 

@@ -29,9 +29,10 @@ if TYPE_CHECKING:  # xsam.py imports this module
 class MicroBatch:
     """One micro-batch of a step, replayable.
 
-    run: ``run(backward)`` returns the micro-batch's share of the step's loss (its mean loss times its weight in
-        the step, so that the shares of all micro-batches on all processes add up to the step's loss, as the
-        gradients all-reduce); with ``backward=True`` it also back-propagates that share, adding to ``.grad``.
+    run: ``run(backward)`` returns the micro-batch's share of the step's loss, scaled as its theta_0 pass was
+        (e.g. the mean loss over the number of micro-batches, or the Trainer's own scaling), so that the shares of
+        all micro-batches on all processes add up to the step's loss as the gradients all-reduce; with
+        ``backward=True`` it also back-propagates that share, adding to ``.grad``.
     rng: the random generators as they were before its theta_0 pass (its dropout masks).
     """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers import make_args, text_data, tiny_bert
 from transformers import HfArgumentParser
 
@@ -122,3 +123,21 @@ def test_non_scalar_loss_fails_as_under_the_plain_trainer(tmp_path):
             trainer.train()
         errors.append(str(error.value))
     assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize(("force", "message"), [
+    ("fsdp1", r"optim='xsam' needs FSDP2 \(fsdp_version: 2 in the Accelerate config"),
+    ("data_parallel", r"optim='xsam' does not support torch.nn.DataParallel \(n_gpu=2 in one process\)"),
+])
+def test_fsdp1_and_data_parallel_are_refused_at_train(tmp_path, force, message):
+    """Neither exists on this CPU machine: the trainer is told it runs under them, as it would read its set-up."""
+    model = tiny_bert()
+    trainer = XSAMTrainer(model=model, args=make_args(tmp_path, optim="xsam"), train_dataset=text_data())
+    if force == "fsdp1":
+        trainer.is_fsdp_enabled = True  # and Accelerate reports no FSDP2 plugin
+    else:
+        trainer.args._n_gpu = 2
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
