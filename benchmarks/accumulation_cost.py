@@ -52,8 +52,7 @@ def main() -> None:
                         help="timed steps per configuration per round (the Timer warms up with 2 more)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    if args.rounds < 1 or args.steps < 1:
-        raise ValueError(f"--rounds={args.rounds} --steps={args.steps} are invalid: both must be >= 1")
+    harness.require_positive(args, "rounds", "steps")
 
     trainers, batches = {}, {}
     for accumulation, micro in SPLITS:

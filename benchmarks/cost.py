@@ -157,8 +157,7 @@ def main() -> None:
     if args._memory_child:
         args.device, args.bf16 = "cpu", False
         return memory_child(args)
-    if args.rounds < 1 or args.steps < 1:
-        raise ValueError(f"--rounds={args.rounds} --steps={args.steps} are invalid: both must be >= 1")
+    harness.require_positive(args, "rounds", "steps")
     torch.manual_seed(0)
 
     measured = measure_times(args)

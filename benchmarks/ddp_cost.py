@@ -89,20 +89,16 @@ def worker(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration (after one warm-up)")
     parser.add_argument("--rounds", type=int, default=1, help="trainings per configuration, interleaved")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches of 16 per step and process")
-    parser.add_argument("--out", default="/tmp/hf_xsam_ddp_cost.json")
-    parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+    harness.add_launch_flags(parser, out="/tmp/hf_xsam_ddp_cost.json")
     args = parser.parse_args()
     if args._worker:
         return worker(args)
-    for name in ("nproc", "steps", "rounds", "accumulation"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name}={getattr(args, name)} is invalid: must be >= 1")
+    harness.require_positive(args, "nproc", "steps", "rounds", "accumulation")
     threads = max(1, (os.cpu_count() or 2) // args.nproc) if args.device == "cpu" else None
     results = harness.launch(__file__, ["--steps", str(args.steps), "--rounds", str(args.rounds), "--device",
                                         args.device, "--accumulation", str(args.accumulation),

@@ -97,18 +97,14 @@ def worker(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=64, help="per process")
-    parser.add_argument("--out", default="/tmp/hf_xsam_fsdp_cost.json")
-    parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+    harness.add_launch_flags(parser, out="/tmp/hf_xsam_fsdp_cost.json")
     args = parser.parse_args()
     if args._worker:
         return worker(args)
-    for name in ("nproc", "steps", "width", "batch"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name}={getattr(args, name)} is invalid: must be >= 1")
+    harness.require_positive(args, "nproc", "steps", "width", "batch")
     results = harness.launch(__file__, ["--steps", str(args.steps), "--width", str(args.width), "--batch",
                                         str(args.batch)], args.nproc, args.out, threads=1)
     print(f"{args.nproc} processes (gloo, CPU), MLP width {args.width}, batch {args.batch} per process, "

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import json
@@ -43,7 +44,21 @@ def example(name: str):
     return importlib.import_module(name)
 
 
+def require_positive(args, *names: str) -> None:
+    """Refuses a command line whose named integer flags are below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)} is invalid: must be >= 1")
+
+
 # ---------------------------------------------------------------------- processes
+def add_launch_flags(parser, out: str) -> None:
+    """The flags of a script that ``launch``es itself: --nproc, --out (rank 0's JSON) and the hidden --_worker."""
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+
+
 def launch(script: str, worker_args: Sequence[str], nproc: int, out: str, threads: int | None = None) -> dict:
     """Runs ``script --_worker --out OUT *worker_args`` in ``nproc`` processes (torchrun --standalone: gloo on CPU,
     NCCL on GPUs) and returns the JSON that rank 0 wrote to ``out``. ``threads`` is OMP_NUM_THREADS per process
