@@ -10,7 +10,7 @@ probe at every --rhos value. The plane (v0, v1) comes from the first of --batche
 probe; at every alpha-grid point the loss is taken on all the batches (each with its own fixed dropout masks),
 and at every point of the angle space on the first batch. From those losses, with no further forward passes:
 
-* fast vs grid: on each single batch, the alpha the fast search (`hf_xsam.xsam.fast_search`, replayed on the
+* fast vs grid: on each single batch, the alpha the fast search (`hf_xsam.probe.fast_search`, replayed on the
   recorded losses: it evaluates a subset of the same points) picks against the grid's argmax;
 * angle vs alpha: the largest probe loss each space finds, and where;
 * steadiness: alpha* from the mean loss over K batches, for K = 1, 2, 4, ... over many subsets of the batches:
@@ -30,8 +30,8 @@ import torch
 from transformers import TrainerCallback
 
 from hf_xsam import XSAM
+from hf_xsam.probe import fast_search
 from hf_xsam.replay import RNGState
-from hf_xsam.xsam import fast_search
 
 
 class ProbeStudy(TrainerCallback):

@@ -6,7 +6,8 @@ imported on first use of its names, and trl only by the SFT pair (``pip install 
 
 from hf_xsam.hyperparameters import HYPERPARAMETERS
 from hf_xsam.replay import RNGState, replayed_pass
-from hf_xsam.xsam import XSAM, DirectionInfo
+from hf_xsam.types import DirectionInfo
+from hf_xsam.xsam import XSAM
 
 __version__ = "0.1.0"
 

@@ -14,39 +14,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from hf_xsam.replay import RNGState, replayed_pass
-
-if TYPE_CHECKING:  # xsam.py imports this module
-    from hf_xsam.xsam import DirectionInfo
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch of a step, replayable.
-
-    run: ``run(backward)`` returns the micro-batch's share of the step's loss, scaled as its theta_0 pass was
-        (e.g. the mean loss over the number of micro-batches, or the Trainer's own scaling), so that the shares of
-        all micro-batches on all processes add up to the step's loss as the gradients all-reduce; with
-        ``backward=True`` it also back-propagates that share, adding to ``.grad``.
-    rng: the random generators as they were before its theta_0 pass (its dropout masks).
-    """
-
-    run: Callable[[bool], torch.Tensor]
-    rng: RNGState
-
-
-@dataclass
-class PassesInfo:
-    """What one step's passes measured: the loss at the (last) ascent point, summed over the micro-batches as the
-    step's loss is, and what `XSAM.set_direction` returned (None when the step was not sharpness-aware)."""
-
-    ascent_loss: torch.Tensor | None = None
-    direction: DirectionInfo | None = None
+from hf_xsam.types import MicroBatch, PassesInfo
 
 
 def _no_context(last: bool):

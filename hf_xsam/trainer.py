@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import math
 import os
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.distributed.fsdp import is_fsdp_managed_module
 
+from hf_xsam.bookkeeping import bookkeeping_kept
+from hf_xsam.distributed import all_reduce_mean, trainer_no_sync
 from hf_xsam.hyperparameters import HYPERPARAMETERS, PREFIX
-from hf_xsam.passes import MicroBatch, sharpness_passes
+from hf_xsam.passes import sharpness_passes
 from hf_xsam.replay import RNGState
+from hf_xsam.types import MicroBatch
 from hf_xsam.xsam import XSAM
 
 
@@ -181,7 +181,7 @@ class XSAMMixin:
             window, self._xsam_window = self._xsam_window, []
 
             def sync(last: bool):  # one all-reduce per pass set, on its last micro-batch (DDP)
-                return contextlib.nullcontext() if last else self._xsam_no_sync(model)
+                return contextlib.nullcontext() if last else trainer_no_sync(self, model)
 
             info = sharpness_passes(self.xsam, window, probe_extra=list(self._xsam_recent), sync=sync)
             self._record(info)
@@ -200,7 +200,7 @@ class XSAMMixin:
             p.grad = None
 
         def no_sync(last: bool = True):
-            return self._xsam_no_sync(model)
+            return trainer_no_sync(self, model)
 
         first = not self._xsam_window  # the probe, when due, runs on the step's first micro-batch
         with no_sync():
@@ -219,15 +219,8 @@ class XSAMMixin:
         if self.accelerator.sync_gradients:
             self._xsam_window = []
             if self.accelerator.num_processes > 1:
-                _all_reduce_mean([p.grad for p in params if p.grad is not None])
+                all_reduce_mean([p.grad for p in params if p.grad is not None])
         return loss
-
-    def _xsam_no_sync(self, model: nn.Module):
-        """Hold back the gradient reduction of a backward, as the Trainer's loop does for a micro-batch that does
-        not end the step: FSDP2's own switch for a model sharded at load time, Accelerate's ``no_sync`` otherwise."""
-        if self.is_distributed_loading_by_transformers and is_fsdp_managed_module(self.model):
-            return self._defer_fsdp_gradient_reduction()
-        return self.accelerator.no_sync(model)
 
     def _xsam_theta_0_pass(self, model: nn.Module, inputs: dict, num_items_in_batch):
         """The Trainer's own training step on this micro-batch, untouched; returns it as a replayable `MicroBatch`
@@ -239,7 +232,7 @@ class XSAMMixin:
         loss = upstream_step(model, inputs, num_items_in_batch)
 
         def run(backward: bool) -> torch.Tensor:  # a replay: compute_loss's bookkeeping stays as theta_0 left it
-            with _bookkeeping_kept(self):
+            with bookkeeping_kept(self):
                 if backward:
                     return upstream_step(model, inputs, num_items_in_batch)
                 return self._xsam_forward_loss(model, inputs, num_items_in_batch)
@@ -340,51 +333,6 @@ class XSAMMixin:
         card.save(path)
 
 
-_PLAIN = (type(None), bool, int, float, str)
-_DATA_ATTRIBUTES = frozenset({"train_dataset", "eval_dataset"})  # the data, however plainly it is held
-
-
-# Bookkeeping is small (counters, the metric lists of one logging window); a larger container of plain values is
-# data (a tokenized dataset held as lists of ints), which a replay must neither copy nor scan in full.
-_BOOKKEEPING_MAX_VALUES = 10_000
-
-
-def _is_bookkeeping(value) -> bool:
-    """Numbers and strings, and lists, tuples, deques and dicts of them nested at most 4 deep, with at most
-    ``_BOOKKEEPING_MAX_VALUES`` values in all: what a trainer counts and logs with."""
-    budget = [_BOOKKEEPING_MAX_VALUES]
-
-    def plain(x, depth: int) -> bool:
-        budget[0] -= 1
-        if budget[0] < 0:
-            return False
-        if isinstance(x, _PLAIN):
-            return True
-        if depth > 3:
-            return False
-        if isinstance(x, dict):
-            return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in x.items())
-        if isinstance(x, (list, tuple, collections.deque)):
-            return all(plain(v, depth + 1) for v in x)
-        return False
-
-    return plain(value, 0)
-
-
-@contextlib.contextmanager
-def _bookkeeping_kept(trainer):
-    """Run a replayed pass without side effects on the trainer's own bookkeeping: whatever `compute_loss` counts or
-    logs (trl's token counts and metric lists, a user's counters) is put back as it was. General, not per trainer:
-    every attribute holding only numbers, strings and containers of them is copied before and restored after."""
-    saved = {name: copy.deepcopy(value) for name, value in vars(trainer).items()
-             if name not in _DATA_ATTRIBUTES and _is_bookkeeping(value)}
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(trainer, name, value)
-
-
 def _find_xsam(optimizer) -> XSAM | None:
     """The XSAM under any wrappers (Accelerate's `AcceleratedOptimizer`), or None."""
     while optimizer is not None and not isinstance(optimizer, XSAM):
@@ -412,20 +360,3 @@ class XSAMTrainer(XSAMMixin, Trainer):
         trainer = XSAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
         trainer.train()
     """
-
-
-def _all_reduce_mean(tensors: list[torch.Tensor], bucket_bytes: int = 25 * 2**20) -> None:
-    """Average tensors across processes in place: flattened into ~25 MiB buckets, one all-reduce each."""
-    world = dist.get_world_size()
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for i, t in enumerate(tensors):
-        bucket.append(t)
-        size += t.numel() * t.element_size()
-        if size >= bucket_bytes or i == len(tensors) - 1:
-            flat = torch._utils._flatten_dense_tensors(bucket)
-            dist.all_reduce(flat)
-            flat.div_(world)
-            for t_out, t_in in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
-                t_out.copy_(t_in)
-            bucket, size = [], 0

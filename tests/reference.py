@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 # The fallback threshold of the spec's "sin(psi) ~ 0" case: below it v0 and v1 are treated as (anti)parallel
-# and the direction is v1. The value is the implementation's (hf_xsam.xsam.SIN_PSI_MIN), restated on purpose.
+# and the direction is v1. The value is the implementation's (hf_xsam.geometry.SIN_PSI_MIN), restated on purpose.
 SIN_PSI_MIN = 1e-4
 
 

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_op_count():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # for the harness it imports, as when run as a script
     spec = importlib.util.spec_from_file_location("op_count", ROOT / "benchmarks" / "op_count.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -13,7 +13,7 @@ from reference import flat_grads, flatten, geometry, slerp
 from torch import nn
 
 from hf_xsam import XSAM
-from hf_xsam.xsam import ANGLE_MAX, fast_search, grid_search
+from hf_xsam.probe import ANGLE_MAX, fast_search, grid_search
 
 pytestmark = pytest.mark.usefixtures("seeded")
 

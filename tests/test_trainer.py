@@ -310,14 +310,14 @@ def test_schedule_free_base_trains_and_rho_zero_equals_trainer(tmp_path):
 def test_replays_restore_small_bookkeeping_and_leave_data_alone(tmp_path):
     """A replayed pass puts counters and metric lists back as they were, but never copies (or scans in full) data
     held as plain lists, such as a tokenized dataset: copying it on every replay once made a MiniLM run 4x slower."""
-    from hf_xsam.trainer import _bookkeeping_kept
+    from hf_xsam.bookkeeping import bookkeeping_kept
 
     trainer = train(tiny_bert(), tmp_path, optim="xsam", max_steps=1)
     trainer.tokens_seen, trainer.metrics = 5, {"train": {"entropy": [1.0]}}
     trainer.train_dataset = [{"input_ids": [1] * 64, "labels": 0}] * 1000
     trainer.big_table = list(range(20_000))
     data, table = trainer.train_dataset, trainer.big_table
-    with _bookkeeping_kept(trainer):
+    with bookkeeping_kept(trainer):
         trainer.tokens_seen += 7
         trainer.metrics["train"]["entropy"].append(2.0)
     assert trainer.tokens_seen == 5 and trainer.metrics == {"train": {"entropy": [1.0]}}

@@ -23,7 +23,7 @@ from reference import (
 from torch import nn
 
 from hf_xsam import XSAM
-from hf_xsam.xsam import SIN_PSI_MIN
+from hf_xsam.geometry import SIN_PSI_MIN
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -456,7 +456,7 @@ def test_chord_rounding_above_two_is_clamped(monkeypatch):
     computed value just above 2. The case is forced here, not hoped for: the norm of the chord is inflated by 1e-6,
     so ||v0 - v1|| / 2 exceeds 1 by construction. Unclamped, psi = 2 asin(||v0 - v1|| / 2) would be NaN and so would
     the whole direction."""
-    import hf_xsam.xsam as xsam_module
+    from hf_xsam import geometry
 
     generator = torch.Generator().manual_seed(1)
     w = nn.Parameter(torch.randn(7, generator=generator))
@@ -467,7 +467,7 @@ def test_chord_rounding_above_two_is_clamped(monkeypatch):
     e = w.detach() - w0
     w.grad = -3.0 * e
     g_k = w.grad.clone()
-    true_norm = xsam_module._global_norm
+    true_norm = geometry.global_norm
     seen = []
 
     def inflated_norm(tensors, foreach, groups=()):  # set_direction's one call: the norm of ||g_k|| (v0 - v1)
@@ -475,7 +475,7 @@ def test_chord_rounding_above_two_is_clamped(monkeypatch):
         seen.append(value)
         return value
 
-    monkeypatch.setattr(xsam_module, "_global_norm", inflated_norm)
+    monkeypatch.setattr(geometry, "global_norm", inflated_norm)
     info = opt.set_direction(lambda: pytest.fail("a degenerate plane must not be probed"))
     assert len(seen) == 1 and (seen[0] / g_k.norm()).item() > 2.0  # the premise, forced
     assert info.psi.item() == pytest.approx(math.pi, abs=1e-6)
