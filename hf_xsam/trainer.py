@@ -20,6 +20,9 @@ from hf_xsam.replay import RNGState
 from hf_xsam.types import MicroBatch
 from hf_xsam.xsam import XSAM
 
+# torch.compile modes that record CUDA graphs
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 
 class XSAMMixin:
     """XSAM (Chen & Zhou, ICLR 2026) in any Trainer, when ``args.optim`` is ``"xsam"`` or ``"sam"``.
@@ -116,11 +119,12 @@ class XSAMMixin:
                 "\"fsdp_version\": 2): FSDP1 flattens the parameters, so XSAM cannot keep theta_0 per parameter or "
                 "reduce its norms per shard. FSDP2, DDP and a model sharded at load time work."
             )
-        if self.args.torch_compile:
+        if self.args.torch_compile and self.args.torch_compile_mode in CUDA_GRAPH_MODES:
             raise ValueError(
-                f"optim={optim!r} does not support torch_compile=True yet: a compiled model replays neither its "
-                "dropout masks nor BatchNorm's frozen statistics in XSAM's extra passes (measured on torch 2.13), so "
-                "the ascent and the probe would see another batch than theta_0 did. Train without --torch_compile."
+                f"torch_compile_mode={self.args.torch_compile_mode!r} cannot be combined with optim={optim!r}: its "
+                "CUDA graphs replay the random offsets and buffers they captured, while XSAM rewinds the generator "
+                "and moves the weights between the passes of a step (not verified on a GPU, so refused rather than "
+                "risked). Use the default mode or 'max-autotune-no-cudagraphs'."
             )
         if self.args.n_gpu > 1:
             raise ValueError(

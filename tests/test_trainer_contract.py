@@ -335,12 +335,6 @@ def test_evaluation_prediction_and_optimizer_helpers_without_training(tmp_path):
         assert torch.equal(p, before[name]), name
 
 
-def test_torch_compile_is_refused_at_training_not_construction(tmp_path):
-    trainer = fit(tmp_path, plain=False, xsam=RHO_ON, train=False, torch_compile=True)
-    with pytest.raises(ValueError, match=r"optim='xsam' does not support torch_compile=True yet"):
-        trainer.train()
-
-
 # ---------------------------------------------------------------------- every accumulation count, every logged number
 def padded_text(n: int, length: int = 12, seed: int = 2) -> list[dict]:
     """Right-padded sequences for the tiny Llama (vocabulary 19): padding is masked and carries no label."""
