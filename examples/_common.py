@@ -40,6 +40,12 @@ class CommonDataArguments:
         validation_split_percentage (10), test_split_percentage (10): held out when the data lacks the split.
         split_seed (0): seed of those held-out splits, apart from --seed.
         max_train_samples, max_eval_samples, max_test_samples (0 = all): keep the first N of each split.
+        label_noise (0.0): the fraction of training examples (after max_train_samples) whose label is replaced by
+            one drawn uniformly from the other classes; validation and test stay clean.
+        label_noise_seed (0): seed of which examples are flipped and to what, apart from --seed, so that every
+            optimizer sees the same noisy labels.
+        train_accuracy (False): also evaluate on the training split, with the labels trained on (noisy ones when
+            label_noise > 0: memorisation), as ``train_accuracy`` in results.json; always done when label_noise > 0.
     """
 
     builtin_dataset: str | None = field(
@@ -71,6 +77,15 @@ class CommonDataArguments:
     max_train_samples: int = field(default=0, metadata={"help": "Keep the first N training examples (0 = all)."})
     max_eval_samples: int = field(default=0, metadata={"help": "Keep the first N validation examples (0 = all)."})
     max_test_samples: int = field(default=0, metadata={"help": "Keep the first N test examples (0 = all)."})
+    label_noise: float = field(
+        default=0.0,
+        metadata={"help": "Fraction in [0, 1) of training labels replaced by another class, uniformly (0 = none)."},
+    )
+    label_noise_seed: int = field(default=0, metadata={"help": "Seed of the label noise, apart from --seed."})
+    train_accuracy: bool = field(
+        default=False,
+        metadata={"help": "Also report the accuracy on the training labels (always on when --label_noise > 0)."},
+    )
 
     builtin_choices = ()  # set by each script's subclass
 
@@ -92,6 +107,11 @@ class CommonDataArguments:
         for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 0 (0 = all)")
+        check_label_noise(self.label_noise)
+
+    @property
+    def wants_train_accuracy(self) -> bool:
+        return self.train_accuracy or self.label_noise > 0
 
 
 def parse_args(
@@ -187,6 +207,19 @@ class LabelledData:
                 "test": data_args.max_test_samples}
         return LabelledData({k: v.head(caps[k]) for k, v in self.splits.items()}, self.label_names, self.description)
 
+    def prepare(self, data_args: CommonDataArguments) -> LabelledData:
+        """The subsets of --max_*_samples, then --label_noise on the training split only."""
+        data = self.limit(data_args)
+        if data_args.label_noise == 0:
+            return data
+        train = data.splits["train"]
+        noisy = symmetric_label_noise(train.labels, data.num_labels, data_args.label_noise, data_args.label_noise_seed)
+        flipped = sum(a != b for a, b in zip(train.labels, noisy))
+        splits = {**data.splits, "train": Examples(train.inputs, noisy)}
+        description = (f"{data.description}, {flipped} of {len(train)} training labels flipped "
+                       f"(label_noise {data_args.label_noise:g}, seed {data_args.label_noise_seed})")
+        return LabelledData(splits, data.label_names, description)
+
     def summary(self) -> str:
         sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
         return f"{self.description}: {self.num_labels} labels ({', '.join(self.label_names)}); {sizes}"
@@ -209,6 +242,30 @@ def split_three_ways(examples: Examples, data_args: CommonDataArguments) -> dict
     train, validation = split_indices(rest_examples.labels, val_percentage, data_args.split_seed)
     return {"train": rest_examples.select(train), "validation": rest_examples.select(validation),
             "test": examples.select(test)}
+
+
+def check_label_noise(fraction: float, flag: str = "--label_noise") -> None:
+    if not 0 <= fraction < 1:
+        raise ValueError(f"{flag}={fraction!r} is invalid: must be a fraction in [0, 1) (0 = no label noise)")
+
+
+def symmetric_label_noise(labels: Sequence[int], num_classes: int, fraction: float, seed: int) -> list[int]:
+    """Symmetric label noise: round(fraction * n) examples, chosen uniformly with ``seed``, get a label drawn
+    uniformly from the num_classes - 1 classes other than their own; the rest keep theirs. Depends only on the
+    labels, the fraction and the seed (never on --seed or the optimizer)."""
+    check_label_noise(fraction)
+    labels = [int(y) for y in labels]
+    if fraction and num_classes < 2:
+        raise ValueError(f"label noise needs at least 2 classes, not num_classes={num_classes}")
+    if any(not 0 <= y < num_classes for y in labels):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}")
+    rng = np.random.default_rng(seed)
+    flipped = rng.choice(len(labels), size=round(fraction * len(labels)), replace=False)
+    others = rng.integers(0, num_classes - 1, size=len(flipped))  # an index among the other classes
+    noisy = list(labels)
+    for i, other in zip(flipped.tolist(), others.tolist()):
+        noisy[i] = other + (other >= labels[i])  # skips the example's own class
+    return noisy
 
 
 def check_num_labels(requested: int | None, data: LabelledData) -> None:
@@ -346,12 +403,20 @@ def finish(
     train_result,
     started: float,
     card: dict[str, Any],
+    data_args: CommonDataArguments | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on validation and test, save the model with its tokenizer/processor, write ``results.json`` and
-    the model card (or push both with ``--push_to_hub``), print the results table, and return the results."""
+    """Evaluate on validation and test (and on the training labels when ``data_args.wants_train_accuracy``), save
+    the model with its tokenizer/processor, write ``results.json`` and the model card (or push both with
+    ``--push_to_hub``), print the results table, and return the results."""
     metrics = {}
     for split, prefix in (("validation", "eval"), ("test", "test")):
         metrics.update(trainer.evaluate(eval_dataset=eval_sets[split], metric_key_prefix=prefix))
+    noise = {}
+    if data_args is not None and data_args.wants_train_accuracy:
+        # the labels trained on: with label noise, fitting the flipped ones is memorisation
+        fit = trainer.evaluate(eval_dataset=eval_sets["train"], metric_key_prefix="trainset")
+        noise = {"train_accuracy": fit["trainset_accuracy"], "label_noise": data_args.label_noise,
+                 "label_noise_seed": data_args.label_noise_seed}
     majority_label, majority_accuracy = data.majority_baseline()
     results = {
         "optim": args.optim,
@@ -363,6 +428,7 @@ def finish(
         "eval_macro_f1": metrics["eval_macro_f1"],
         "test_accuracy": metrics["test_accuracy"],
         "test_macro_f1": metrics["test_macro_f1"],
+        **noise,
         "majority_label": majority_label,
         "majority_test_accuracy": majority_accuracy,
         "final_alpha": trainer.xsam.alpha if args.xsam_enabled else None,

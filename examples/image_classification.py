@@ -5,6 +5,7 @@
     python examples/image_classification.py --model_name_or_path google/vit-base-patch16-224-in21k \\
         --dataset_name cifar10                                              # with network
     python examples/image_classification.py --dataset_name imagefolder --data_dir path/to/folder
+    python examples/image_classification.py --label_noise 0.2               # 20% of training labels flipped
     accelerate launch examples/image_classification.py                      # several processes, unchanged
 
 With no arguments it builds a small ViT from a config (8x8 RGB input, 4x4 patches, 2 layers) and trains it on the 1,797
@@ -218,7 +219,7 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> di
     else:
         data = load_digits_data(data_args)
     check_num_labels(model_args.num_labels, data)
-    data = data.limit(data_args)
+    data = data.prepare(data_args)  # subsets, then any --label_noise on the training split
     if training_args.should_log:
         print(data.summary())
         label, accuracy = data.majority_baseline()
@@ -254,7 +255,7 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> di
     )
     train_result = trainer.train()
     card = dict(tasks="image-classification", finetuned_from=model_args.model_name_or_path)
-    return finish(trainer, training_args, data, sets, train_result, started, card)
+    return finish(trainer, training_args, data, sets, train_result, started, card, data_args)
 
 
 if __name__ == "__main__":

