@@ -33,6 +33,11 @@ batch, for every rho in --rhos and k in --ks; XSAM with the library's default sc
 ``--default_every`` = 200 optimizer steps) for k in --default_ks. Results go to <out>.jsonl (one line per run,
 appended as runs finish, so an interrupted study resumes where it stopped), <out>.json (the summary), <out>.txt
 (the printed table) and <out>_k.png (test accuracy against k).
+
+Label noise (benchmarks/label_noise.py): ``--label_noise 0.2 --label_noise_seed 0`` gives 20% of the training
+subset a label drawn uniformly from the other classes (the same images and labels for every method and seed); the
+test set, and the clean validation set that ``--val_size N`` holds out of the rest of the training pool, stay
+clean. Each record then holds ``train_acc`` on the noisy labels (memorisation) and ``val_acc``.
 """
 
 from __future__ import annotations
@@ -255,8 +260,30 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return correct / len(x), loss / len(x)
 
 
-def train_one(setting: dict, seed: int, data, args, checkpoint: str | None = None) -> dict:
-    """One run; returns its metrics. The seed fixes the initial weights, the batch order and the augmentation."""
+def prepare_data(args) -> tuple[tuple, tuple | None]:
+    """(x_train, y_train, x_test, y_test) and the clean validation set (x_val, y_val) or None: the fixed training
+    subset of --train_size, --val_size images held out of the rest of the pool, then --label_noise on the subset."""
+    x_train, y_train, x_test, y_test = load_data(args.dataset, args.data_dir)
+    val = None
+    if args.train_size or args.val_size:  # a fixed subset for every seed and method: the seed varies init, order, aug
+        if args.train_size + args.val_size > len(x_train):
+            raise ValueError(f"--train_size={args.train_size} + --val_size={args.val_size} is invalid: the training "
+                             f"pool has {len(x_train)} images")
+        perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1234))
+        held = perm[len(perm) - args.val_size:]
+        val = (x_train[held], y_train[held]) if args.val_size else None
+        pick = perm[: args.train_size or len(perm) - args.val_size]
+        x_train, y_train = x_train[pick], y_train[pick]
+    if args.label_noise:
+        noisy = harness.example("_common").symmetric_label_noise(
+            y_train.tolist(), int(y_test.max()) + 1, args.label_noise, args.label_noise_seed)
+        y_train = torch.tensor(noisy, dtype=y_train.dtype)
+    return (x_train, y_train, x_test, y_test), val
+
+
+def train_one(setting: dict, seed: int, data, args, checkpoint: str | None = None, val: tuple | None = None) -> dict:
+    """One run; returns its metrics. The seed fixes the initial weights, the batch order and the augmentation.
+    ``train_acc`` is on the labels trained on (noisy ones under --label_noise); ``val_acc`` when ``val`` is given."""
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
     model = build_model(args.model, x_train.shape[1], int(y_train.max()) + 1, args.width).to(args.device)
@@ -293,12 +320,17 @@ def train_one(setting: dict, seed: int, data, args, checkpoint: str | None = Non
         torch.save(model.state_dict(), f"{checkpoint}_end.pt")
     train_acc, train_loss = accuracy(model, x_train.to(args.device), y_train.to(args.device))
     test_acc, test_loss = accuracy(model, x_test.to(args.device), y_test.to(args.device))
+    extra = {}
+    if val is not None:
+        extra["val_acc"] = accuracy(model, val[0].to(args.device), val[1].to(args.device))[0]
+    if getattr(args, "label_noise", 0):
+        extra.update(label_noise=args.label_noise, label_noise_seed=args.label_noise_seed)
     return dict(name=setting["name"], method=setting["method"], rho=setting["rho"], k=setting["k"],
                 probe_every=setting["probe_every"] or (steps_per_epoch if setting["method"] == "xsam" else 0),
                 seed=seed, test_acc=test_acc, test_loss=test_loss, train_acc=train_acc, train_loss=train_loss,
                 epoch_train_losses=train_losses, seconds_per_epoch=statistics.mean(epoch_seconds),
                 mean_psi=statistics.mean(psis) if psis else None, alphas=alphas,
-                mean_alpha=statistics.mean(alphas) if alphas else None)
+                mean_alpha=statistics.mean(alphas) if alphas else None, **extra)
 
 
 # ---------------------------------------------------------------------- summary
@@ -401,6 +433,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="cnn", choices=["cnn", "resnet18"])
     p.add_argument("--width", type=int, default=None, help="base width (default: 12 for cnn, 64 for resnet18)")
     p.add_argument("--train_size", type=int, default=600, help="a fixed random subset (same for every seed); 0 = all")
+    p.add_argument("--val_size", type=int, default=0,
+                   help="a clean validation set held out of the rest of the training pool (0 = none)")
+    p.add_argument("--label_noise", type=float, default=0.0,
+                   help="fraction in [0, 1) of the training subset relabelled uniformly to another class")
+    p.add_argument("--label_noise_seed", type=int, default=0, help="seed of the label noise, apart from --seeds")
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--lr", type=float, default=0.05)
@@ -425,8 +462,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", default="benchmarks/results/paper_regime", help="output prefix")
     args = p.parse_args(argv)
-    for flag in ("train_size", "epochs", "batch_size", "threads", "default_every"):
-        low = 0 if flag == "train_size" else 1
+    for flag in ("train_size", "val_size", "epochs", "batch_size", "threads", "default_every"):
+        low = 0 if flag in ("train_size", "val_size") else 1
         if getattr(args, flag) < low:
             raise ValueError(f"--{flag}={getattr(args, flag)} is invalid: must be >= {low}")
     for flag in ("rhos", "ks", "seeds"):
@@ -435,6 +472,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError(f"--{flag}={values} is invalid: every value must be > 0")
     if not set(args.default_ks) <= set(args.ks):
         raise ValueError(f"--default_ks={args.default_ks} is invalid: must be a subset of --ks={args.ks}")
+    if args.label_noise:
+        harness.example("_common").check_label_noise(args.label_noise)
     args.width = args.width or (12 if args.model == "cnn" else 64)
     return args
 
@@ -442,12 +481,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    x_train, y_train, x_test, y_test = load_data(args.dataset, args.data_dir)
-    if args.train_size:  # a fixed subset for every seed and method: the seed varies init, order, augmentation
-        pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1234))[: args.train_size]
-        x_train, y_train = x_train[pick], y_train[pick]
+    data, val = prepare_data(args)
+    x_train = data[0]
     args.pad = args.pad if args.pad is not None else (2 if x_train.shape[-1] <= 28 else 4)
-    data = (x_train, y_train, x_test, y_test)
     steps_per_epoch = len(x_train) // args.batch_size
     total = steps_per_epoch * args.epochs
     print(f"{len(x_train)} training images, {steps_per_epoch} steps/epoch, {total} steps; the default schedule "
@@ -467,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
             if (setting["name"], seed) in done:
                 continue
             wants_ckpt = args.checkpoint and setting["name"] == args.checkpoint_setting and seed == args.seeds[0]
-            result = train_one(setting, seed, data, args, args.checkpoint if wants_ckpt else None)
+            result = train_one(setting, seed, data, args, args.checkpoint if wants_ckpt else None, val)
             runs.append(result)
             with open(f"{args.out}.jsonl", "a") as f:
                 f.write(json.dumps(result) + "\n")
