@@ -35,7 +35,12 @@ def parse_config(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(flags)
 
 
-def run(task: str, flags: list[str], seed: int) -> dict:
+KEEP = ("eval_accuracy", "test_accuracy", "test_macro_f1", "train_loss", "train_runtime_s", "train_steps",
+        "final_alpha", "mean_psi", "probe_alphas")
+
+
+def run(task: str, flags: list[str], seed: int, keep: tuple[str, ...] = KEEP) -> dict:
+    """One run of the task's example with these flags and --seed; the ``keep`` fields of its results.json."""
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, os.path.join(ROOT, SCRIPTS[task]), "--output_dir", out, "--seed", str(seed),
                    "--disable_tqdm", "true", *flags]
@@ -45,8 +50,6 @@ def run(task: str, flags: list[str], seed: int) -> dict:
             raise RuntimeError(f"the run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
             result = json.load(f)
-    keep = ("eval_accuracy", "test_accuracy", "test_macro_f1", "train_loss", "train_runtime_s", "train_steps",
-            "final_alpha", "mean_psi", "probe_alphas")
     return {k: result[k] for k in keep}
 
 

@@ -1,0 +1,309 @@
+"""Where sharpness-awareness pays (issue 22): test accuracy under symmetric label noise, base optimizer vs SAM vs XSAM.
+
+Full-size commands for this 2-core machine (estimates: the quiet-machine step times of benchmarks/RESULTS.md, i.e.
+MiniLM 0.91 s per AdamW step, 1.72 per SAM step, ~1.9 per XSAM step probing every 50; the CNN 35, 66 and ~70 ms,
+plus the per-run start-up and evaluation seen in the smoke runs; one study at a time)::
+
+    python benchmarks/label_noise.py --task text --json benchmarks/results/label_noise_text.json
+        # MiniLM on 2000 tweets x 5 epochs (625 steps a run), 39 runs: about 12 h
+    OMP_NUM_THREADS=1 python benchmarks/label_noise.py --task fashion_mnist \
+        --json benchmarks/results/label_noise_fashion_mnist.json
+        # the paper_regime CNN on 2000 images x 100 epochs (4000 steps a run), 39 runs: about 3 h
+        # (needs `apt-get install dataset-fashion-mnist`, or --data_dir with the four idx .gz files)
+
+The issue's bigger text study (3000 tweets x 6 epochs, 1125 steps a run) is ``--train_examples 3000
+--num_train_epochs 6``: about 22 h here, so rather on a GPU. If the CNN does not fit the noisy labels (the
+"train acc, noisy labels" column well under 1 - noise), give it more capacity after ``--``: ``-- --width 24``.
+
+Set-up. Symmetric label noise on the training split only: a fraction f of the training examples (``--noise_levels``,
+default 0, 0.2, 0.4) gets a label drawn uniformly from the other classes, chosen with ``--label_noise_seed``, so every
+method and seed sees the same noisy labels; validation and test stay clean. ``--task text`` runs
+`examples/text_classification.py` (MiniLM, tweets; base optimizer AdamW) as subprocesses on the first
+``--train_examples`` training tweets for ``--num_train_epochs``; ``--task fashion_mnist`` calls
+`benchmarks/paper_regime.py`'s CNN (base optimizer SGD; SAM and XSAM with k = 1, XSAM probing once per epoch) on
+``--train_examples`` images for ``--num_train_epochs``, with ``--val_examples`` clean images held out for validation.
+Flags after ``--`` go to the example (text) or to paper_regime's parser (fashion_mnist).
+
+Per noise level: SAM's and XSAM's rho each chosen by clean validation accuracy over ``--rhos`` on the first seed,
+then the base optimizer, SAM and XSAM at their chosen rho over every ``--seeds`` value. The tables: the rho choice;
+test accuracy mean +- sd; the paired (same seed) gap to the base optimizer and, for XSAM, to SAM, with its standard
+error; the training accuracy on the noisy labels (memorisation); XSAM's mean alpha* and mean psi. Every run is
+appended to ``--json`` as it finishes and runs already there are skipped, so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+from collections.abc import Callable
+
+import harness
+
+METHODS = ("base", "sam", "xsam")
+BASE = {"text": "AdamW", "digits": "AdamW", "fashion_mnist": "SGD"}
+DEFAULTS = {  # per task: rho grid, training examples, epochs
+    "text": dict(rhos=[0.02, 0.05, 0.1], train_examples=2000, num_train_epochs=5),
+    "fashion_mnist": dict(rhos=[0.05, 0.1, 0.2], train_examples=2000, num_train_epochs=100),
+}
+
+
+# ---------------------------------------------------------------------- runs
+class Store:
+    """The runs so far, by key, in a JSON file saved after every run; ``config`` must match the file's."""
+
+    def __init__(self, path: str, config: dict):
+        self.path = path
+        self.data = {"config": config, "runs": {}}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            if saved.get("config") != config:
+                raise ValueError(f"--json={path!r} holds runs of {saved.get('config')}, not of {config}: "
+                                 "name another file")
+            self.data = saved
+
+    def get(self, key: str, make: Callable[[], dict], describe: str) -> dict:
+        """The run saved under ``key``, or ``make()``'s, saved at once."""
+        if key not in self.data["runs"]:
+            record = make()
+            self.data["runs"][key] = record
+            harness.write_json(self.path, self.data)
+            print(f"  {describe}: val {record['val_acc']:.4f} test {record['test_acc']:.4f} "
+                  f"train (labels trained on) {record['train_acc']:.4f} ({record['seconds']:.0f} s)", flush=True)
+        return self.data["runs"][key]
+
+
+def run_key(method: str, noise: float, rho: float | None, seed: int) -> str:
+    return f"{method}|{noise:g}|{'-' if rho is None else f'{rho:g}'}|{seed}"
+
+
+def example_runner(task: str, flags: list[str]) -> Callable[[str, float | None, int], dict]:
+    """run(method, rho, seed) for an example (`compare.run`, a subprocess): its record, in this script's fields."""
+    from compare import KEEP
+    from compare import run as run_example
+
+    optim = {"base": "adamw_torch", "sam": "sam", "xsam": "xsam"}
+
+    def run(method: str, rho: float | None, seed: int) -> dict:
+        rho_flags = [] if rho is None else ["--xsam_rho", str(rho)]
+        result = run_example(task, ["--optim", optim[method], *rho_flags, "--train_accuracy", "true", *flags], seed,
+                             keep=(*KEEP, "train_accuracy"))
+        alphas = result["probe_alphas"]
+        return dict(val_acc=result["eval_accuracy"], test_acc=result["test_accuracy"],
+                    train_acc=result["train_accuracy"], mean_alpha=statistics.fmean(alphas) if alphas else None,
+                    mean_psi=result["mean_psi"], seconds=result["train_runtime_s"], steps=result["train_steps"])
+
+    return run
+
+
+def paper_regime_runner(argv: list[str]) -> Callable[[str, float | None, int], dict]:
+    """run(method, rho, seed) for paper_regime's model (in this process): SGD, SAM or XSAM (probe once per epoch),
+    k = 1, on the data of paper_regime's flags ``argv`` (loaded once)."""
+    import paper_regime
+    import torch
+
+    args = paper_regime.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data, val = paper_regime.prepare_data(args)
+    args.pad = args.pad if args.pad is not None else (2 if data[0].shape[-1] <= 28 else 4)
+
+    def run(method: str, rho: float | None, seed: int) -> dict:
+        grid = paper_regime.settings([rho or 0.1], [1], [], args.default_every)
+        setting = {"base": grid[0], "sam": grid[1], "xsam": grid[2]}[method]
+        r = paper_regime.train_one(setting, seed, data, args, val=val)
+        return dict(val_acc=r["val_acc"], test_acc=r["test_acc"], train_acc=r["train_acc"],
+                    mean_alpha=r["mean_alpha"], mean_psi=r["mean_psi"], seconds=r["seconds_per_epoch"] * args.epochs,
+                    steps=len(data[0]) // args.batch_size * args.epochs)
+
+    return run
+
+
+# ---------------------------------------------------------------------- statistics
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_gap(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int] | None:
+    """Mean and standard error (sd / sqrt(n); nan for one pair) of a[seed] - b[seed] over the seeds both have."""
+    diffs = [a[s] - b[s] for s in a if s in b]
+    if not diffs:
+        return None
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return statistics.fmean(diffs), se, len(diffs)
+
+
+def choose_rho(val_by_rho: dict[float, float]) -> float:
+    """The rho of the best validation accuracy (the smaller rho on a tie)."""
+    return max(val_by_rho, key=lambda r: (val_by_rho[r], -r))
+
+
+def summary_rows(runs: dict[str, dict], noise_levels: list[float], seeds: list[int],
+                 chosen: dict[float, dict[str, float]]) -> list[dict]:
+    """One row per noise level and method with runs on ``seeds``: accuracies over the seeds, the paired gaps."""
+    rows = []
+    for noise in noise_levels:
+        rho = {"base": None, **chosen.get(noise, {})}
+        test = {}
+        for method in METHODS:
+            if method != "base" and method not in rho:
+                continue
+            mine = {s: runs[k] for s in seeds if (k := run_key(method, noise, rho[method], s)) in runs}
+            if not mine:
+                continue
+            test[method] = {s: r["test_acc"] for s, r in mine.items()}
+            alphas = [r["mean_alpha"] for r in mine.values() if r["mean_alpha"] is not None]
+            psis = [r["mean_psi"] for r in mine.values() if r["mean_psi"] is not None]
+            rows.append(dict(
+                noise=noise, method=method, rho=rho[method], seeds=len(mine),
+                test=mean_sd(list(test[method].values())),
+                val=statistics.fmean(r["val_acc"] for r in mine.values()),
+                train=statistics.fmean(r["train_acc"] for r in mine.values()),
+                vs_base=paired_gap(test[method], test["base"]) if method != "base" and "base" in test else None,
+                vs_sam=paired_gap(test[method], test["sam"]) if method == "xsam" and "sam" in test else None,
+                mean_alpha=statistics.fmean(alphas) if alphas else None,
+                mean_psi=statistics.fmean(psis) if psis else None,
+                seconds=statistics.median(r["seconds"] for r in mine.values())))
+    return rows
+
+
+# ---------------------------------------------------------------------- tables
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _gap(gap) -> str:
+    return "-" if gap is None else f"{gap[0]:+.4f} ± {gap[1]:.4f}"
+
+
+def method_name(method: str, base: str, rho: float | None = None) -> str:
+    name = {"base": base, "sam": "SAM", "xsam": "XSAM"}[method]
+    return name if rho is None else f"{name} rho {rho:g}"
+
+
+def results_table(rows: list[dict], base: str) -> str:
+    header = ["noise", "method", "seeds", "test accuracy (mean ± sd)", f"gap to {base} (paired ± SE)",
+              "gap to SAM (paired ± SE)", "train acc, noisy labels", "validation", "mean alpha*", "mean psi (rad)",
+              "train s (median)"]
+    cells = [[f"{r['noise']:g}", method_name(r["method"], base, r["rho"]), str(r["seeds"]),
+              f"{r['test'][0]:.4f} ± {r['test'][1]:.4f}", _gap(r["vs_base"]), _gap(r["vs_sam"]), f"{r['train']:.4f}",
+              f"{r['val']:.4f}", _num(r["mean_alpha"], ".2f"), _num(r["mean_psi"], ".3f"), f"{r['seconds']:.0f}"]
+             for r in rows]
+    return harness.markdown_table(header, cells)
+
+
+def rho_table(runs: dict[str, dict], noise_levels, rhos, seed: int, chosen) -> str:
+    header = ["noise", "rho", "SAM val", "SAM test", "XSAM val", "XSAM test", "XSAM mean alpha*", "XSAM mean psi"]
+    cells = []
+    for noise in noise_levels:
+        for rho in rhos:
+            sam, xsam = (runs.get(run_key(m, noise, rho, seed)) for m in ("sam", "xsam"))
+            if sam is None or xsam is None:
+                continue
+            star = {m: "*" if chosen.get(noise, {}).get(m) == rho else "" for m in ("sam", "xsam")}
+            cells.append([f"{noise:g}", f"{rho:g}", f"{sam['val_acc']:.4f}{star['sam']}", f"{sam['test_acc']:.4f}",
+                          f"{xsam['val_acc']:.4f}{star['xsam']}", f"{xsam['test_acc']:.4f}",
+                          _num(xsam["mean_alpha"], ".2f"), _num(xsam["mean_psi"], ".3f")])
+    return (f"rho chosen on the clean validation split, seed {seed} (* = best validation accuracy, used below)\n"
+            + harness.markdown_table(header, cells))
+
+
+# ---------------------------------------------------------------------- command line
+def check_distinct(args, *names: str) -> None:
+    for name in names:
+        values = getattr(args, name)
+        if len(set(values)) != len(values):
+            raise ValueError(f"--{name}={values} is invalid: the values must be distinct")
+
+
+def check_rhos(rhos: list[float]) -> None:
+    if any(r <= 0 for r in rhos):
+        raise ValueError(f"--rhos={rhos} is invalid: every rho must be > 0")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=sorted(DEFAULTS), required=True)
+    parser.add_argument("--noise_levels", type=float, nargs="+", default=[0.0, 0.2, 0.4])
+    parser.add_argument("--label_noise_seed", type=int, default=0, help="which examples are flipped, and to what")
+    parser.add_argument("--rhos", type=float, nargs="+", default=None,
+                        help="rho grid for SAM and XSAM (default: 0.02 0.05 0.1 text, 0.05 0.1 0.2 fashion_mnist)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--train_examples", type=int, default=None, help="training subset (default: 2000)")
+    parser.add_argument("--num_train_epochs", type=int, default=None,
+                        help="epochs (default: 5 text, 100 fashion_mnist)")
+    parser.add_argument("--val_examples", type=int, default=2000,
+                        help="fashion_mnist: clean validation images held out of the training pool")
+    parser.add_argument("--data_dir", default=None, help="fashion_mnist: the idx .gz files (default: Debian's)")
+    parser.add_argument("--threads", type=int, default=1, help="fashion_mnist: torch CPU threads")
+    parser.add_argument("--json", required=True, help="results file; existing runs in it are reused")
+    parser.add_argument("extra", nargs=argparse.REMAINDER,
+                        help="after --: more flags for the example (text) or paper_regime (fashion_mnist)")
+    args = parser.parse_args(argv)
+    args.extra = [a for a in args.extra if a != "--"]
+    for name, value in DEFAULTS[args.task].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    harness.require_positive(args, "train_examples", "num_train_epochs", "val_examples", "threads")
+    check_distinct(args, "noise_levels", "rhos", "seeds")
+    check_rhos(args.rhos)
+    check_label_noise = harness.example("_common").check_label_noise
+    for noise in args.noise_levels:
+        check_label_noise(noise, "--noise_levels")
+    return args
+
+
+def runner_for(args, noise: float) -> Callable[[str, float | None, int], dict]:
+    common = ["--label_noise", str(noise), "--label_noise_seed", str(args.label_noise_seed)]
+    if args.task == "text":
+        return example_runner("text", ["--max_steps", "-1", "--num_train_epochs", str(args.num_train_epochs),
+                                       "--max_train_samples", str(args.train_examples), *common, *args.extra])
+    return paper_regime_runner([
+        *(["--data_dir", args.data_dir] if args.data_dir else []), "--train_size", str(args.train_examples),
+        "--val_size", str(args.val_examples), "--epochs", str(args.num_train_epochs), "--threads", str(args.threads),
+        *common, *args.extra])
+
+
+def study_noise_level(args, store: Store, noise: float) -> dict[str, float]:
+    """One noise level: SAM's and XSAM's rho chosen on validation (first seed), then every method over the seeds.
+    Returns the chosen rhos."""
+    print(f"label noise {noise:g}", flush=True)
+    runner = None
+
+    def run(method, rho, seed):
+        nonlocal runner
+        if run_key(method, noise, rho, seed) not in store.data["runs"]:
+            runner = runner or runner_for(args, noise)  # loads the data only when a run is missing
+        return store.get(run_key(method, noise, rho, seed), lambda: runner(method, rho, seed),
+                         f"noise {noise:g} {method_name(method, BASE[args.task], rho)} seed {seed}")
+
+    chosen = {m: choose_rho({rho: run(m, rho, args.seeds[0])["val_acc"] for rho in args.rhos})
+              for m in ("sam", "xsam")}
+    for seed in args.seeds:
+        for method in METHODS:
+            run(method, chosen.get(method), seed)
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    config = {k: getattr(args, k) for k in ("task", "label_noise_seed", "train_examples", "num_train_epochs", "extra")}
+    if args.task == "fashion_mnist":
+        config["val_examples"] = args.val_examples
+    store = Store(args.json, config)
+    runs, first, base = store.data["runs"], args.seeds[0], BASE[args.task]
+    chosen = {noise: study_noise_level(args, store, noise) for noise in args.noise_levels}
+    print(rho_table(runs, args.noise_levels, args.rhos, first, chosen))
+    rows = summary_rows(runs, args.noise_levels, args.seeds, chosen)
+    print(f"test accuracy over seeds {', '.join(map(str, args.seeds))} (validation and test labels clean)")
+    print(results_table(rows, base))
+    store.data["summary"] = {"seeds": args.seeds, "rhos": args.rhos, "chosen_rho": {f"{n:g}": c for n, c in
+                                                                                    chosen.items()}, "rows": rows}
+    harness.write_json(args.json, store.data)
+    return store.data["summary"]
+
+
+if __name__ == "__main__":
+    main()
