@@ -44,6 +44,7 @@ import harness
 
 METHODS = ("base", "sam", "xsam")
 BASE = {"text": "AdamW", "digits": "AdamW", "fashion_mnist": "SGD"}
+Runner = Callable[[str, float | None, int], dict]  # run(method, rho, seed) -> record
 DEFAULTS = {  # per task: rho grid, training examples, epochs
     "text": dict(rhos=[0.02, 0.05, 0.1], train_examples=2000, num_train_epochs=5),
     "fashion_mnist": dict(rhos=[0.05, 0.1, 0.2], train_examples=2000, num_train_epochs=100),
@@ -71,8 +72,9 @@ class Store:
             record = make()
             self.data["runs"][key] = record
             harness.write_json(self.path, self.data)
-            print(f"  {describe}: val {record['val_acc']:.4f} test {record['test_acc']:.4f} "
-                  f"train (labels trained on) {record['train_acc']:.4f} ({record['seconds']:.0f} s)", flush=True)
+            fit = "" if record["train_acc"] is None else f" train (labels trained on) {record['train_acc']:.4f}"
+            print(f"  {describe}: val {record['val_acc']:.4f} test {record['test_acc']:.4f}{fit} "
+                  f"({record['seconds']:.0f} s)", flush=True)
         return self.data["runs"][key]
 
 
@@ -80,8 +82,9 @@ def run_key(method: str, noise: float, rho: float | None, seed: int) -> str:
     return f"{method}|{noise:g}|{'-' if rho is None else f'{rho:g}'}|{seed}"
 
 
-def example_runner(task: str, flags: list[str]) -> Callable[[str, float | None, int], dict]:
-    """run(method, rho, seed) for an example (`compare.run`, a subprocess): its record, in this script's fields."""
+def example_runner(task: str, flags: list[str], train_accuracy: bool = True) -> Runner:
+    """run(method, rho, seed) for an example (`compare.run`, a subprocess): its record, in this script's fields
+    (``train_acc``, on the labels trained on, is None unless ``train_accuracy``: it costs a pass over the split)."""
     from compare import KEEP
     from compare import run as run_example
 
@@ -89,17 +92,18 @@ def example_runner(task: str, flags: list[str]) -> Callable[[str, float | None, 
 
     def run(method: str, rho: float | None, seed: int) -> dict:
         rho_flags = [] if rho is None else ["--xsam_rho", str(rho)]
-        result = run_example(task, ["--optim", optim[method], *rho_flags, "--train_accuracy", "true", *flags], seed,
-                             keep=(*KEEP, "train_accuracy"))
+        fit = ("train_accuracy",) if train_accuracy else ()
+        result = run_example(task, ["--optim", optim[method], *rho_flags, "--train_accuracy", str(train_accuracy),
+                                    *flags], seed, keep=(*KEEP, *fit))
         alphas = result["probe_alphas"]
         return dict(val_acc=result["eval_accuracy"], test_acc=result["test_accuracy"],
-                    train_acc=result["train_accuracy"], mean_alpha=statistics.fmean(alphas) if alphas else None,
+                    train_acc=result.get("train_accuracy"), mean_alpha=statistics.fmean(alphas) if alphas else None,
                     mean_psi=result["mean_psi"], seconds=result["train_runtime_s"], steps=result["train_steps"])
 
     return run
 
 
-def paper_regime_runner(argv: list[str]) -> Callable[[str, float | None, int], dict]:
+def paper_regime_runner(argv: list[str]) -> Runner:
     """run(method, rho, seed) for paper_regime's model (in this process): SGD, SAM or XSAM (probe once per epoch),
     k = 1, on the data of paper_regime's flags ``argv`` (loaded once)."""
     import paper_regime
@@ -255,7 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def runner_for(args, noise: float) -> Callable[[str, float | None, int], dict]:
+def runner_for(args, noise: float) -> Runner:
     common = ["--label_noise", str(noise), "--label_noise_seed", str(args.label_noise_seed)]
     if args.task == "text":
         return example_runner("text", ["--max_steps", "-1", "--num_train_epochs", str(args.num_train_epochs),
