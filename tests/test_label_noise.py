@@ -1,0 +1,163 @@
+"""Symmetric label noise (examples/_common.py, used by the examples and benchmarks/paper_regime.py) and the tables of
+benchmarks/label_noise.py and benchmarks/rho_sensitivity.py, on hand-made records."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _common  # noqa: E402
+import image_classification  # noqa: E402
+import label_noise  # noqa: E402
+import paper_regime  # noqa: E402
+import rho_sensitivity  # noqa: E402
+
+LABELS = [i % 7 for i in range(1003)]
+
+
+# ---------------------------------------------------------------------- the noise function
+@pytest.mark.parametrize("fraction", [0.2, 0.37, 0.4, 0.999])
+def test_flips_exactly_round_f_n_labels_to_other_valid_classes(fraction):
+    noisy = _common.symmetric_label_noise(LABELS, 7, fraction, seed=3)
+    changed = [i for i, (a, b) in enumerate(zip(LABELS, noisy)) if a != b]
+    assert len(noisy) == len(LABELS) and len(changed) == round(fraction * len(LABELS))  # none kept its own label
+    assert set(noisy) <= set(range(7))
+
+
+def test_a_flipped_label_is_uniform_over_the_other_classes():
+    noisy = _common.symmetric_label_noise([0] * 3000, 4, 0.9, seed=0)
+    counts = Counter(noisy)
+    assert counts[0] == 300 and sorted(counts) == [0, 1, 2, 3]
+    assert all(800 < counts[k] < 1000 for k in (1, 2, 3))  # 900 each expected; sd ~ 24
+
+
+def test_noise_is_deterministic_in_its_seed_and_zero_is_the_identity():
+    a = _common.symmetric_label_noise(LABELS, 7, 0.2, seed=5)
+    assert a == _common.symmetric_label_noise(LABELS, 7, 0.2, seed=5)
+    assert a != _common.symmetric_label_noise(LABELS, 7, 0.2, seed=6)
+    assert _common.symmetric_label_noise(LABELS, 7, 0.0, seed=5) == LABELS
+
+
+def digits_data(*flags: str):
+    types = (image_classification.ModelArguments, image_classification.DataArguments,
+             image_classification.XSAMTrainingArguments)
+    _, data_args, _ = image_classification.parse_args(types, image_classification.TRAINING_DEFAULTS, list(flags))
+    return image_classification.load_digits_data(data_args).prepare(data_args)
+
+
+def test_the_image_example_flips_training_labels_only_the_same_for_every_optimizer():
+    clean = digits_data()
+    noisy = {optim: digits_data("--optim", optim, "--label_noise", "0.3", "--max_train_samples", "1000")
+             for optim in ("xsam", "sam", "adamw_torch")}
+    assert noisy["xsam"].splits["train"].labels == noisy["sam"].splits["train"].labels \
+        == noisy["adamw_torch"].splits["train"].labels
+    train = noisy["xsam"].splits["train"]
+    flipped = sum(a != b for a, b in zip(clean.splits["train"].labels[:1000], train.labels))
+    assert len(train) == 1000 and flipped == 300
+    assert train.inputs == clean.splits["train"].inputs[:1000]  # the same images
+    for split in ("validation", "test"):
+        assert noisy["xsam"].splits[split].labels == clean.splits[split].labels
+        assert noisy["xsam"].splits[split].inputs == clean.splits[split].inputs
+    assert "300 of 1000 training labels flipped" in noisy["xsam"].description
+    other_seed = digits_data("--label_noise", "0.3", "--max_train_samples", "1000", "--label_noise_seed", "1")
+    assert other_seed.splits["train"].labels != train.labels
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_paper_regime_noise_and_clean_validation(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 300), ("t10k", 40)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    base = ["--data_dir", str(tmp_path), "--train_size", "100"]
+    (x, y, x_test, y_test), val = paper_regime.prepare_data(paper_regime.parse_args(base))
+    x_all, y_all, _, _ = paper_regime.load_data("fashion_mnist", str(tmp_path))
+    pick = torch.randperm(300, generator=torch.Generator().manual_seed(1234))[:100]
+    assert val is None and torch.equal(x, x_all[pick]) and torch.equal(y, y_all[pick])  # the subset as before
+    (xn, yn, xn_test, yn_test), (x_val, y_val) = paper_regime.prepare_data(
+        paper_regime.parse_args([*base, "--label_noise", "0.4", "--val_size", "50"]))
+    assert torch.equal(xn, x) and int((yn != y).sum()) == 40 and int(yn.max()) <= 9
+    assert torch.equal(xn_test, x_test) and torch.equal(yn_test, y_test)
+    held = torch.randperm(300, generator=torch.Generator().manual_seed(1234))[250:]
+    assert torch.equal(y_val, y_all[held]) and not set(held.tolist()) & set(pick.tolist())
+
+
+# ---------------------------------------------------------------------- bad values
+@pytest.mark.parametrize("value", [1.5, -0.1, 1.0])
+def test_bad_noise_fractions_are_refused(value):
+    expected = rf"--label_noise={value} is invalid: must be a fraction in \[0, 1\)"
+    with pytest.raises(ValueError, match=expected):
+        image_classification.DataArguments(label_noise=value)
+    with pytest.raises(ValueError, match=expected):
+        digits_data("--label_noise", str(value))
+    with pytest.raises(ValueError, match=expected):
+        paper_regime.parse_args(["--label_noise", str(value)])
+    with pytest.raises(ValueError, match=expected):
+        _common.symmetric_label_noise(LABELS, 7, value, seed=0)
+    with pytest.raises(ValueError, match=rf"--noise_levels={value} is invalid: must be a fraction in \[0, 1\)"):
+        label_noise.parse_args(["--task", "text", "--noise_levels", "0", str(value), "--json", "x.json"])
+
+
+# ---------------------------------------------------------------------- the tables
+def record(test, train=0.9, alpha=None, psi=None):
+    return dict(val_acc=test - 0.01, test_acc=test, train_acc=train, mean_alpha=alpha, mean_psi=psi, seconds=10.0)
+
+
+def test_label_noise_table_paired_gaps_and_their_standard_errors():
+    tests = {"base": [0.80, 0.82, 0.84], "sam": [0.81, 0.85, 0.83], "xsam": [0.83, 0.86, 0.85]}
+    rho = {"base": None, "sam": 0.05, "xsam": 0.1}
+    runs = {label_noise.run_key(m, 0.2, rho[m], s): record(acc, train=0.7 + 0.01 * s, alpha=1.5 if m == "xsam"
+                                                          else None, psi=0.3)
+            for m, accs in tests.items() for s, acc in enumerate(accs)}
+    rows = label_noise.summary_rows(runs, [0.2], [0, 1, 2], {0.2: {"sam": 0.05, "xsam": 0.1}})
+    base, sam, xsam = rows
+    assert [r["method"] for r in rows] == ["base", "sam", "xsam"] and xsam["rho"] == 0.1
+    assert base["test"] == pytest.approx((0.82, 0.02)) and base["vs_base"] is None
+    # XSAM - AdamW per seed: 0.03, 0.04, 0.01; sd 0.015275, SE = sd / sqrt(3)
+    assert xsam["vs_base"] == pytest.approx((0.0266667, 0.0088192, 3), abs=1e-7)
+    assert xsam["vs_sam"] == pytest.approx((0.0166667, 0.0033333, 3), abs=1e-7)  # 0.02, 0.01, 0.02
+    assert sam["vs_base"] == pytest.approx((0.01, 0.0115470, 3), abs=1e-7) and sam["vs_sam"] is None  # .01 .03 -.01
+    assert xsam["train"] == pytest.approx(0.71) and xsam["mean_alpha"] == 1.5 and sam["mean_alpha"] is None
+    table = label_noise.results_table(rows, "AdamW")
+    assert "| 0.2 | XSAM rho 0.1 | 3 | 0.8467 ± 0.0153 | +0.0267 ± 0.0088 | +0.0167 ± 0.0033 | 0.7100 |" in table
+    assert label_noise.paired_gap({0: 0.5}, {0: 0.4})[1] != label_noise.paired_gap({0: 0.5}, {0: 0.4})[1]  # nan
+    assert label_noise.paired_gap({0: 0.5}, {1: 0.4}) is None
+    assert label_noise.choose_rho({0.1: 0.9, 0.05: 0.9, 0.2: 0.8}) == 0.05  # a tie goes to the smaller rho
+
+
+def test_rho_sensitivity_flat_range_within_one_point():
+    means = {0.005: 0.80, 0.01: 0.85, 0.02: 0.89, 0.05: 0.90, 0.1: 0.892, 0.2: 0.88, 0.5: 0.895, 1.0: 0.70}
+    # 0.02 is exactly 1 point below (inclusive); 0.5 is within 1 point but not next to the best's range
+    assert rho_sensitivity.flat_range(means, 0.01) == (0.05, 0.02, 0.1)
+    assert rho_sensitivity.flat_range(means, 0.001) == (0.05, 0.05, 0.05)
+    points = {"base": {None: (0.85, 0.01)}, "sam": {r: (m, 0.005) for r, m in means.items()},
+              "xsam": {r: (m, 0.0) for r, m in {**means, 0.05: 0.80, 0.1: 0.89, 0.2: 0.888}.items()}}
+    text = rho_sensitivity.sensitivity_table(points, 0.01, "AdamW")
+    assert "SAM: best 0.9000 at rho 0.05; within 1 pt of it: rho 0.02-0.1, x5" in text
+    assert "XSAM: best 0.8950 at rho 0.5; within 1 pt of it: rho 0.1-0.5, x5" in text
+    assert "| 0.05 | 0.9000 ± 0.0050 + | 0.8000 ± 0.0000 |" in text and "AdamW: 0.8500 ± 0.0100" in text
+
+
+def test_rho_sensitivity_curves_average_the_seeds():
+    runs = {label_noise.run_key("sam", 0.0, 0.1, s): record(acc) for s, acc in enumerate([0.8, 0.9, 0.7])}
+    runs[label_noise.run_key("base", 0.0, None, 0)] = record(0.6)
+    points = rho_sensitivity.curves(runs, [0.1, 0.2], [0, 1, 2])
+    assert set(points) == {"base", "sam"} and points["base"] == {None: (0.6, 0.0)}
+    assert points["sam"][0.1] == pytest.approx((0.8, 0.1)) and 0.2 not in points["sam"]
+    assert not math.isnan(points["sam"][0.1][1])
