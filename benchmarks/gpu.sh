@@ -15,6 +15,9 @@ python benchmarks/cost.py --model minilm --device cuda --bf16 --batch_size 16 --
     --memory --json "$out/cost_minilm_gpu.json" | tee "$out/cost_minilm_gpu.txt"
 python benchmarks/cost.py --model vit --device cuda --bf16 --batch_size 64 --rounds 5 --steps 10 \
     --memory --json "$out/cost_vit_gpu.json" | tee "$out/cost_vit_gpu.txt"
+# Eager vs torch.compile for AdamW / SAM / XSAM (compiling is how GPU users get their speed)
+python benchmarks/compile_cost.py --model vit --device cuda --bf16 --rounds 3 --steps 10 --forward_rounds 0 \
+    --json "$out/compile_vit_gpu.json" | tee "$out/compile_vit_gpu.txt"
 # The accumulation splits (XSAM's passes after theta_0 run for the whole window) and the op counts
 python benchmarks/accumulation_cost.py --model vit --device cuda --rounds 3 --steps 5 \
     --json "$out/accumulation_vit_gpu.json" | tee "$out/accumulation_vit_gpu.txt"
