@@ -442,6 +442,16 @@ def test_every_peft_adapter(tmp_path, family, kind):
     assert len(on.xsam._theta_0) == len(before)  # theta_0 holds the adapter only
 
 
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_sft_trainer_every_logged_number(tmp_path, accumulation):
+    """trl's SFTTrainer counts tokens and logs metrics in compute_loss; at accumulation 3 the Trainer divides the
+    loss by 3, which the XSAM path must do the same way (not multiply by a rounded 1/3)."""
+    plain = sft_run(tmp_path / "plain", plain=True, model=tiny_llama(), gradient_accumulation_steps=accumulation)
+    ours = sft_run(tmp_path / "ours", plain=False, model=tiny_llama(), gradient_accumulation_steps=accumulation)
+    assert_same_training(plain, ours)
+    assert {"loss", "grad_norm", "num_tokens", "entropy", "mean_token_accuracy"} <= logs(ours)[0].keys()
+
+
 # ---------------------------------------------------------------------- trl's DPO
 def test_dpo_trainer(tmp_path):
     from dataclasses import dataclass
