@@ -100,13 +100,7 @@ def measure_forwards(args) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["minilm", "vit"], default="minilm")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--seq_len", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3, help="timed calls per configuration per round")
+    harness.add_model_flags(parser, rounds=3, steps=3)
     parser.add_argument("--forward_rounds", type=int, default=3,
                         help="fresh processes per side for the forward table (0: skip it; MiniLM on CPU only)")
     parser.add_argument("--no_steps", action="store_true", help="skip the step table (the forward table only)")

@@ -142,14 +142,7 @@ def memory_child(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["minilm", "vit"], default="minilm")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--seq_len", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=4,
-                        help="timed steps per configuration per round (the Timer warms up with 2 more)")
+    harness.add_model_flags(parser, rounds=5, steps=4)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--_memory_child", default=None, help=argparse.SUPPRESS)

@@ -51,6 +51,18 @@ def require_positive(args, *names: str) -> None:
             raise ValueError(f"--{name}={getattr(args, name)} is invalid: must be >= 1")
 
 
+def add_model_flags(parser, rounds: int, steps: int) -> None:
+    """The flags of the step-cost scripts: which model, where, its batch shape, and the timing's rounds x steps."""
+    parser.add_argument("--model", choices=["minilm", "vit"], default="minilm")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seq_len", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=steps,
+                        help="timed steps per configuration per round (the Timer warms up with 2 more)")
+
+
 # ---------------------------------------------------------------------- processes
 def add_launch_flags(parser, out: str) -> None:
     """The flags of a script that ``launch``es itself: --nproc, --out (rank 0's JSON) and the hidden --_worker."""

@@ -176,6 +176,45 @@ def sentences(n: int = 16, seed: int = 3) -> Dataset:
     return Dataset.from_dict({"text": rows})
 
 
+def padded_text(n: int, low: int, high: int, length: int = 12, seed: int = 2) -> list[dict]:
+    """Right-padded causal-LM rows of different real lengths, token ids in [low, high): padding is masked and
+    carries no label."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        real = int(torch.randint(3, length + 1, (1,), generator=g))
+        ids = torch.zeros(length, dtype=torch.long)
+        ids[:real] = torch.randint(low, high, (real,), generator=g)
+        mask = (torch.arange(length) < real).long()
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return rows
+
+
+def preference_pairs(repeat: int) -> Dataset:
+    """Prompt / chosen / rejected rows over `tiny_tokenizer`'s words, for DPO."""
+    return Dataset.from_dict({"prompt": ["the market", "film star", "the team", "bank rates"] * repeat,
+                              "chosen": [" rose today", " won award", " goal", " fell"] * repeat,
+                              "rejected": [" fell", " the", " a", " rose sharply"] * repeat})
+
+
+def dpo_pair():
+    """(config class, trainer class): trl's DPO with the mixins (imports trl, so only on use)."""
+    from dataclasses import dataclass as make_config
+
+    from trl import DPOConfig, DPOTrainer
+
+    from hf_xsam import XSAMArgumentsMixin, XSAMMixin
+
+    @make_config
+    class XSAMDPOConfig(XSAMArgumentsMixin, DPOConfig):
+        pass
+
+    class XSAMDPOTrainer(XSAMMixin, DPOTrainer):
+        pass
+
+    return XSAMDPOConfig, XSAMDPOTrainer
+
+
 # ---------------------------------------------------------------------- Trainer runs
 def tiny_vit(seed: int = 0) -> ViTForImageClassification:
     torch.manual_seed(seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import hand_written_sam, like_one_batch, params_of, text_data, tiny_bert, train
+from helpers import hand_written_sam, like_one_batch, padded_text, params_of, text_data, tiny_bert, train
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_xsam import XSAMTrainer
@@ -70,23 +70,10 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def padded_text(n: int, length: int = 12, seed: int = 2) -> list[dict]:
-    """Right-padded sequences of different real lengths; padding is masked and carries no label."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        real = int(torch.randint(3, length + 1, (1,), generator=g))
-        ids = torch.zeros(length, dtype=torch.long)
-        ids[:real] = torch.randint(1, 64, (real,), generator=g)
-        mask = (torch.arange(length) < real).long()
-        rows.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
-    return rows
-
-
 def test_token_level_loss_weighs_every_real_token_alike(tmp_path):
     """A causal LM's step loss is the mean over every real token of the step; split in two micro-batches with
     different token counts, each micro-batch weighs by its tokens (not 1/2), so the run equals the whole batch."""
-    data = padded_text(8)
+    data = padded_text(8, low=1, high=64)
     tokens = [sum(int(r["labels"][1:].ne(-100).sum()) for r in data[i:i + 2]) for i in range(0, 8, 2)]
     assert len(set(tokens)) > 1  # the micro-batches do differ in tokens, so a mean of means would differ
     settings = dict(SGD, optim="xsam", xsam_rho=0.1, xsam_probe_every=1, max_steps=2, learning_rate=0.2)

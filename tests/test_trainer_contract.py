@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from datasets import Dataset
-from helpers import params_of, sentences, text_data, tiny_bert, tiny_llama, tiny_tokenizer
+from helpers import (
+    dpo_pair,
+    padded_text,
+    params_of,
+    preference_pairs,
+    sentences,
+    text_data,
+    tiny_bert,
+    tiny_llama,
+    tiny_tokenizer,
+)
 from transformers import BertConfig, BertModel, Trainer, TrainerCallback, TrainingArguments
 
 from hf_xsam import XSAM, XSAMSFTConfig, XSAMSFTTrainer, XSAMTrainer, XSAMTrainingArguments
@@ -336,25 +345,12 @@ def test_evaluation_prediction_and_optimizer_helpers_without_training(tmp_path):
 
 
 # ---------------------------------------------------------------------- every accumulation count, every logged number
-def padded_text(n: int, length: int = 12, seed: int = 2) -> list[dict]:
-    """Right-padded sequences for the tiny Llama (vocabulary 19): padding is masked and carries no label."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        real = int(torch.randint(3, length + 1, (1,), generator=g))
-        ids = torch.zeros(length, dtype=torch.long)
-        ids[:real] = torch.randint(3, 19, (real,), generator=g)
-        mask = (torch.arange(length) < real).long()
-        rows.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
-    return rows
-
-
 @pytest.mark.parametrize("accumulation", [1, 2, 3])
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_every_accumulation_count(tmp_path, family, accumulation):
     """20 examples in micro-batches of 2: with 3 micro-batches per step the epoch ends on a shorter window. BERT's
     forward takes **kwargs and ignores num_items_in_batch; the Llama normalises by it: both as the plain Trainer."""
-    build, data = (tiny_bert, text_data(n=20)) if family == "bert" else (tiny_llama, padded_text(20))
+    build, data = (tiny_bert, text_data(n=20)) if family == "bert" else (tiny_llama, padded_text(20, low=3, high=19))
     options = dict(per_device_train_batch_size=2, gradient_accumulation_steps=accumulation, max_steps=-1,
                    num_train_epochs=1, max_grad_norm=1.0)
     plain = fit(tmp_path / "plain", plain=True, model=build(), data=data, **options)
@@ -418,8 +414,9 @@ def test_every_peft_adapter(tmp_path, family, kind):
     passes must weigh the tokens exactly as the plain trainer's step does."""
     if family == "trainer":
         def run(name, plain, xsam=None):
-            return fit(tmp_path / name, plain=plain, model=adapted(kind), data=padded_text(16), xsam=xsam,
-                       per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-2)
+            return fit(tmp_path / name, plain=plain, model=adapted(kind), data=padded_text(16, low=3, high=19),
+                       xsam=xsam, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
+                       learning_rate=1e-2)
     else:
         def run(name, plain, xsam=None):
             return sft_run(tmp_path / name, plain=plain, model=adapted(kind), xsam=xsam)
@@ -454,22 +451,10 @@ def test_sft_trainer_every_logged_number(tmp_path, accumulation):
 
 # ---------------------------------------------------------------------- trl's DPO
 def test_dpo_trainer(tmp_path):
-    from dataclasses import dataclass
-
     from trl import DPOConfig, DPOTrainer
 
-    from hf_xsam import XSAMArgumentsMixin, XSAMMixin
-
-    @dataclass
-    class XSAMDPOConfig(XSAMArgumentsMixin, DPOConfig):
-        pass
-
-    class XSAMDPOTrainer(XSAMMixin, DPOTrainer):
-        pass
-
-    pairs = Dataset.from_dict({"prompt": ["the market", "film star", "the team", "bank rates"] * 3,
-                               "chosen": [" rose today", " won award", " goal", " fell"] * 3,
-                               "rejected": [" fell", " the", " a", " rose sharply"] * 3})
+    XSAMDPOConfig, XSAMDPOTrainer = dpo_pair()
+    pairs = preference_pairs(3)
 
     def run(name, plain, xsam=None):
         values = settings(tmp_path / name, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=3,

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from datasets import Dataset
-from helpers import max_change, params_of, sentences, tiny_llama, tiny_tokenizer
+from helpers import dpo_pair, max_change, params_of, preference_pairs, sentences, tiny_llama, tiny_tokenizer
 
 from hf_xsam import XSAMSFTConfig, XSAMSFTTrainer
 
@@ -160,22 +159,10 @@ def test_lora_perturbs_only_the_adapter_and_reloads(tmp_path):
 
 # ---------------------------------------------------------------------- DPOTrainer, through the mixins alone
 def test_dpo_trainer_with_the_mixins_trains_and_logs_like_dpo(tmp_path):
-    from dataclasses import dataclass
+    from trl import DPOTrainer
 
-    from trl import DPOConfig, DPOTrainer
-
-    from hf_xsam import XSAMArgumentsMixin, XSAMMixin
-
-    @dataclass
-    class Config(XSAMArgumentsMixin, DPOConfig):
-        pass
-
-    class XSAMDPOTrainer(XSAMMixin, DPOTrainer):
-        pass
-
-    pairs = Dataset.from_dict({"prompt": ["the market", "film star", "the team", "bank rates"] * 2,
-                               "chosen": [" rose today", " won award", " goal", " fell"] * 2,
-                               "rejected": [" fell", " the", " a", " rose sharply"] * 2})
+    Config, XSAMDPOTrainer = dpo_pair()
+    pairs = preference_pairs(2)
 
     def run(trainer_cls, output_dir, **xsam):
         args = Config(output_dir=str(output_dir), use_cpu=True, report_to="none", save_strategy="no", max_steps=2,
