@@ -6,14 +6,20 @@ plus the per-run start-up and evaluation seen in the smoke runs; one study at a 
 
     python benchmarks/label_noise.py --task text --json benchmarks/results/label_noise_text.json
         # MiniLM on 2000 tweets x 5 epochs (625 steps a run), 39 runs: about 12 h
-    OMP_NUM_THREADS=1 python benchmarks/label_noise.py --task fashion_mnist \
-        --json benchmarks/results/label_noise_fashion_mnist.json
-        # the paper_regime CNN on 2000 images x 100 epochs (4000 steps a run), 39 runs: about 3 h
+    OMP_NUM_THREADS=1 python benchmarks/label_noise.py --task fashion_mnist --train_examples 2000 \
+        --num_train_epochs 40 --json benchmarks/results/label_noise_fashion_mnist.json -- --pad 0 --width 24
+        # the paper_regime CNN, 24 channels wide, no random crops, on 2000 images x 40 epochs (1600 steps a run):
+        # SGD memorises 40% noise there (RESULTS.md). 39 runs: about 2.5 h on one core
         # (needs `apt-get install dataset-fashion-mnist`, or --data_dir with the four idx .gz files)
 
 The issue's bigger text study (3000 tweets x 6 epochs, 1125 steps a run) is ``--train_examples 3000
 --num_train_epochs 6``: about 22 h here, so rather on a GPU. If the CNN does not fit the noisy labels (the
-"train acc, noisy labels" column well under 1 - noise), give it more capacity after ``--``: ``-- --width 24``.
+"train acc, noisy labels" column well under 1 - noise), give it more capacity after ``--`` (``--width``), or take
+away the random crops (``--pad 0``).
+
+A study splits over processes by noise level, one results file each (the CNN uses one core: run two at once), and
+``--merge`` gathers them: ``--noise_levels 0.4 --json a.json`` beside ``--noise_levels 0 0.2 --json b.json``, then
+the full command with ``--merge a.json b.json``, which trains nothing more.
 
 Set-up. Symmetric label noise on the training split only: a fraction f of the training examples (``--noise_levels``,
 default 0, 0.2, 0.4) gets a label drawn uniformly from the other classes, chosen with ``--label_noise_seed``, so every
@@ -27,7 +33,8 @@ Flags after ``--`` go to the example (text) or to paper_regime's parser (fashion
 Per noise level: SAM's and XSAM's rho each chosen by clean validation accuracy over ``--rhos`` on the first seed,
 then the base optimizer, SAM and XSAM at their chosen rho over every ``--seeds`` value. The tables: the rho choice;
 test accuracy mean +- sd; the paired (same seed) gap to the base optimizer and, for XSAM, to SAM, with its standard
-error; the training accuracy on the noisy labels (memorisation); XSAM's mean alpha* and mean psi. Every run is
+error; the training accuracy on the noisy labels (memorisation); XSAM's mean alpha* and mean psi. A plot (``--plot``, default: the
+--json path with .png) draws test accuracy and the fit of the noisy labels against the noise level. Every run is
 appended to ``--json`` as it finishes and runs already there are skipped, so an interrupted study resumes.
 """
 
@@ -65,6 +72,20 @@ class Store:
                 raise ValueError(f"--json={path!r} holds runs of {saved.get('config')}, not of {config}: "
                                  "name another file")
             self.data = saved
+
+    def merge(self, paths: list[str]) -> None:
+        """Add the runs of other results files of the same ``config`` (a study split over processes, e.g. one noise
+        level each) that this one lacks."""
+        for path in paths:
+            with open(path, encoding="utf-8") as f:
+                other = json.load(f)
+            if other.get("config") != self.data["config"]:
+                raise ValueError(f"--merge={path!r} holds runs of {other.get('config')}, not of "
+                                 f"{self.data['config']}: only runs of the same study merge")
+            for key, record in other["runs"].items():
+                self.data["runs"].setdefault(key, record)
+        if paths:
+            harness.write_json(self.path, self.data)
 
     def get(self, key: str, make: Callable[[], dict], describe: str) -> dict:
         """The run saved under ``key``, or ``make()``'s, saved at once."""
@@ -214,6 +235,31 @@ def rho_table(runs: dict[str, dict], noise_levels, rhos, seed: int, chosen) -> s
             + harness.markdown_table(header, cells))
 
 
+def plot(rows: list[dict], path: str, title: str, base: str) -> None:
+    """Test accuracy (mean +- sd) and the accuracy on the noisy training labels against the noise level, one line
+    per method; the fraction of clean training labels (1 - noise) as a dashed line: a method above it memorises."""
+    fig, (test_ax, train_ax) = harness.pyplot().subplots(1, 2, figsize=(10, 4.2))
+    for method, marker in (("base", "^"), ("sam", "o"), ("xsam", "s")):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["noise"])
+        if not mine:
+            continue
+        noise = [r["noise"] for r in mine]
+        label = method_name(method, base)
+        test_ax.errorbar(noise, [r["test"][0] for r in mine], yerr=[r["test"][1] for r in mine], marker=marker,
+                         capsize=3, label=label)
+        train_ax.plot(noise, [r["train"] for r in mine], marker=marker, label=label)
+    levels = sorted({r["noise"] for r in rows})
+    train_ax.plot(levels, [1 - n for n in levels], "k--", lw=1, label="1 - noise (the clean labels)")
+    test_ax.set_ylabel("test accuracy, clean labels (mean +- sd)")
+    train_ax.set_ylabel("training accuracy on the noisy labels")
+    for ax in (test_ax, train_ax):
+        ax.set_xlabel("label noise (fraction of training labels flipped)")
+        ax.set_xticks(levels)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    harness.save_figure(fig, path)
+
+
 # ---------------------------------------------------------------------- command line
 def check_distinct(args, *names: str) -> None:
     for name in names:
@@ -243,6 +289,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data_dir", default=None, help="fashion_mnist: the idx .gz files (default: Debian's)")
     parser.add_argument("--threads", type=int, default=1, help="fashion_mnist: torch CPU threads")
     parser.add_argument("--json", required=True, help="results file; existing runs in it are reused")
+    parser.add_argument("--merge", nargs="+", default=[],
+                        help="more results files of the same study (e.g. one noise level per process) whose runs "
+                             "are copied into --json first")
+    parser.add_argument("--plot", default=None, help="PNG path (default: --json with .png)")
     parser.add_argument("extra", nargs=argparse.REMAINDER,
                         help="after --: more flags for the example (text) or paper_regime (fashion_mnist)")
     args = parser.parse_args(argv)
@@ -297,12 +347,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.task == "fashion_mnist":
         config["val_examples"] = args.val_examples
     store = Store(args.json, config)
+    store.merge(args.merge)
     runs, first, base = store.data["runs"], args.seeds[0], BASE[args.task]
     chosen = {noise: study_noise_level(args, store, noise) for noise in args.noise_levels}
     print(rho_table(runs, args.noise_levels, args.rhos, first, chosen))
     rows = summary_rows(runs, args.noise_levels, args.seeds, chosen)
     print(f"test accuracy over seeds {', '.join(map(str, args.seeds))} (validation and test labels clean)")
     print(results_table(rows, base))
+    path = args.plot or os.path.splitext(args.json)[0] + ".png"
+    plot(rows, path, f"{args.task}: {args.train_examples} training examples x {args.num_train_epochs} epochs", base)
+    print(f"plot: {path}")
     store.data["summary"] = {"seeds": args.seeds, "rhos": args.rhos, "chosen_rho": {f"{n:g}": c for n, c in
                                                                                     chosen.items()}, "rows": rows}
     harness.write_json(args.json, store.data)

@@ -161,3 +161,34 @@ def test_rho_sensitivity_curves_average_the_seeds():
     assert set(points) == {"base", "sam"} and points["base"] == {None: (0.6, 0.0)}
     assert points["sam"][0.1] == pytest.approx((0.8, 0.1)) and 0.2 not in points["sam"]
     assert not math.isnan(points["sam"][0.1][1])
+
+
+def test_a_study_split_over_processes_merges_and_another_study_is_refused(tmp_path):
+    config = {"task": "fashion_mnist", "train_examples": 2000}
+    a, b = label_noise.Store(str(tmp_path / "a.json"), config), label_noise.Store(str(tmp_path / "b.json"), config)
+    a.get(label_noise.run_key("base", 0.4, None, 0), lambda: record(0.6), "a")
+    b.get(label_noise.run_key("base", 0.4, None, 0), lambda: record(0.9), "b")  # a's copy is kept
+    b.get(label_noise.run_key("sam", 0.2, 0.1, 0), lambda: record(0.7), "b")
+    a.merge([b.path])
+    again = label_noise.Store(a.path, config)  # merged runs are saved
+    assert {k: r["test_acc"] for k, r in again.data["runs"].items()} == {"base|0.4|-|0": 0.6, "sam|0.2|0.1|0": 0.7}
+    other = label_noise.Store(str(tmp_path / "c.json"), {**config, "train_examples": 1000})
+    other.get(label_noise.run_key("base", 0.4, None, 0), lambda: record(0.5), "c")
+    with pytest.raises(ValueError, match=r"--merge='.*c\.json' holds runs of .*'train_examples': 1000.*same study"):
+        a.merge([other.path])
+    assert len(label_noise.Store(a.path, config).data["runs"]) == 2
+
+
+def test_label_noise_plot_draws_test_accuracy_and_the_fit_of_the_noisy_labels(monkeypatch):
+    figures = []
+    monkeypatch.setattr(label_noise.harness, "save_figure", lambda fig, path: figures.append((fig, path)))
+    rows = [dict(noise=n, method=m, test=(t, 0.01), train=f)
+            for n, m, t, f in [(0.0, "base", 0.85, 0.99), (0.4, "base", 0.63, 0.98), (0.0, "xsam", 0.86, 0.95),
+                               (0.4, "xsam", 0.80, 0.59)]]
+    label_noise.plot(rows, "out.png", "title", "SGD")
+    (fig, path), = figures
+    test_ax, train_ax = fig.axes
+    assert path == "out.png" and [t.get_text() for t in test_ax.get_legend().get_texts()] == ["SGD", "XSAM"]
+    assert [(bars.get_label(), list(bars.lines[0].get_ydata())) for bars in test_ax.containers] == [
+        ("SGD", [0.85, 0.63]), ("XSAM", [0.86, 0.80])]
+    assert [list(line.get_ydata()) for line in train_ax.get_lines()] == [[0.99, 0.98], [0.95, 0.59], [1.0, 0.6]]
