@@ -33,9 +33,10 @@ Flags after ``--`` go to the example (text) or to paper_regime's parser (fashion
 Per noise level: SAM's and XSAM's rho each chosen by clean validation accuracy over ``--rhos`` on the first seed,
 then the base optimizer, SAM and XSAM at their chosen rho over every ``--seeds`` value. The tables: the rho choice;
 test accuracy mean +- sd; the paired (same seed) gap to the base optimizer and, for XSAM, to SAM, with its standard
-error; the training accuracy on the noisy labels (memorisation); XSAM's mean alpha* and mean psi. A plot (``--plot``, default: the
---json path with .png) draws test accuracy and the fit of the noisy labels against the noise level. Every run is
-appended to ``--json`` as it finishes and runs already there are skipped, so an interrupted study resumes.
+error; the training accuracy on the noisy labels (memorisation); XSAM's mean alpha* and mean psi. A plot
+(``--plot``, default: the --json path with .png) draws test accuracy and the fit of the noisy labels against the
+noise level. Every run is appended to ``--json`` as it finishes and runs already there are skipped, so an
+interrupted study resumes.
 """
 
 from __future__ import annotations
