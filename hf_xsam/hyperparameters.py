@@ -76,6 +76,11 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {h.name: h for h in (
         "sharpness_every", int, 1, lambda x: _integer(x) and x >= 1, "must be an integer >= 1",
         "a sharpness-aware step every N optimizer steps, plain base-optimizer steps (one pass) in between."),
     Hyperparameter(
+        "reuse", bool, False, lambda x: isinstance(x, bool), "must be True or False",
+        "with sharpness_every N > 1, the N - 1 steps between sharpness steps carry the last one's correction "
+        "(its direction's part orthogonal to g_0, grown to each step's gradient norm) instead of being plain; "
+        "with alpha fixed at 1 this is LookSAM. Needs ascent_steps 1."),
+    Hyperparameter(
         "probe_search", str, "grid", lambda x: x in PROBE_SEARCHES, f"must be one of {', '.join(PROBE_SEARCHES)}",
         "'grid' evaluates every probe point (the paper); 'fast' at most 8 (coarse grid, midpoints, parabola).",
         choices=PROBE_SEARCHES),
@@ -118,6 +123,8 @@ def validate(values: Mapping[str, Any], prefix: str = "") -> None:
         h = HYPERPARAMETERS[name]
         if not h.check(value):
             raise ValueError(f"{prefix}{name}={value!r} is invalid: {h.allowed}")
+    if values.get("reuse"):
+        _check_reuse(values, prefix)
     probing = values.get("probe_every", 0) > 0 and values.get("rho", 0) > 0
     if not probing:
         return
@@ -132,3 +139,17 @@ def validate(values: Mapping[str, Any], prefix: str = "") -> None:
         raise ValueError(
             f"{prefix}alpha_step={step!r} is invalid with {prefix}alpha_max={top!r} and {every}: the probe grid "
             f"would be the single point alpha = 0; must be <= {prefix}alpha_max (or set {prefix}probe_every=0)")
+
+
+def _check_reuse(values: Mapping[str, Any], prefix: str) -> None:
+    """reuse carries a correction over the plain steps between sharpness steps: there must be some, and the
+    correction is split off along g_0, which is the ascent direction v0 only for one ascent step."""
+    every, steps = values.get("sharpness_every", 1), values.get("ascent_steps", 1)
+    if every == 1:
+        raise ValueError(
+            f"{prefix}reuse=True is invalid with {prefix}sharpness_every=1: every step is sharpness-aware, so there "
+            f"is no step in between to carry the correction to; set {prefix}sharpness_every to N > 1 (e.g. 4)")
+    if steps != 1:
+        raise ValueError(
+            f"{prefix}reuse=True is invalid with {prefix}ascent_steps={steps!r}: the correction is the part of the "
+            f"direction orthogonal to g_0, which is the ascent direction only for one ascent step; must be 1")

@@ -50,6 +50,8 @@ def sharpness_passes(
     """
     info = PassesInfo()
     if not opt.sharpness_due or not batches:
+        if batches and opt.correction_due:  # a step between sharpness steps carries the last one's correction
+            opt.apply_correction()
         return info
     rng_after = RNGState.capture(opt.devices)
 

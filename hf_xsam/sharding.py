@@ -25,6 +25,16 @@ def local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
+def like(local_tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``local_tensor`` (this rank's shard) as a tensor laid out like ``param``: a DTensor sharing its storage when
+    ``param`` is one (so that distributed checkpoints save it sharded), else the tensor itself."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(param, dtensor):
+        return local_tensor
+    return dtensor.from_local(local_tensor, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
 def shard_groups(params: list[torch.Tensor]) -> tuple:
     """The process groups over which the parameters are sharded: a norm's local sum of squares is summed over
     them (replicated mesh dimensions, as in HSDP, hold copies and are left out). Empty for plain parameters.

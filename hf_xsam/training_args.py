@@ -57,6 +57,10 @@ class _XSAMArgumentsMethods:
 
     def _validate_xsam(self, optim: str) -> None:
         validate({name: getattr(self, PREFIX + name) for name in HYPERPARAMETERS}, prefix=PREFIX)
+        if self.xsam_reuse and self.xsam_perturbation == "local":
+            raise ValueError(
+                "xsam_reuse=True is invalid with xsam_perturbation='local': each micro-batch's sharpness step would "
+                "carry its own correction; reuse needs the step's whole batch, xsam_perturbation='global'")
         if optim == "sam" and self.xsam_alpha != 1.0:
             raise ValueError(f"xsam_alpha={self.xsam_alpha!r} is invalid with optim='sam': SAM fixes alpha at 1 "
                              "(its own direction); use --optim xsam to change it")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from hf_xsam import geometry, sharding
+from hf_xsam import geometry, reuse, sharding
 from hf_xsam.closures import closure_batch
 from hf_xsam.distributed import mean_over_processes
 from hf_xsam.hyperparameters import DEFAULTS, HYPERPARAMETERS, OPTIMIZER_SETTINGS, PREFIX, validate
@@ -27,6 +27,9 @@ from hf_xsam.types import DirectionInfo, MicroBatch, PassesInfo
 # the probe moves it.
 _COUNTERS = ("angle", "step")
 _KEYS = tuple(PREFIX + name for name in OPTIMIZER_SETTINGS + _COUNTERS)
+# With reuse the theta_0 buffer holds the correction between steps: optimizer state under this key (set after the
+# base optimizer's first step, which initialises state it finds empty), so checkpoints carry it.
+_CORRECTION = PREFIX + "correction"
 
 
 class XSAM(Optimizer):
@@ -57,7 +60,8 @@ class XSAM(Optimizer):
         params: parameters or param groups, as for any optimizer; ``None`` when ``base_optimizer`` is an instance.
         base_optimizer: an optimizer class (built with ``params`` and ``**base_kwargs``) or an optimizer instance.
         rho (0.05), rho_max (2 * rho), alpha (1.0), alpha_max (2.0), alpha_step (0.1), ascent_steps (1),
-        probe_every (200), sharpness_every (1), probe_search ("grid"), probe_space ("alpha"), norm_eps (1e-12):
+        probe_every (200), sharpness_every (1), reuse (False), probe_search ("grid"), probe_space ("alpha"),
+        norm_eps (1e-12):
             the settings of the table in `hf_xsam.hyperparameters` (meaning, default and check of each), stored in
             every param group as ``xsam_<name>``, the spelling of the Trainer's flags. ``norm_eps`` is named apart
             from the base optimizer's own ``eps``, which ``**base_kwargs`` passes through.
@@ -90,6 +94,7 @@ class XSAM(Optimizer):
         ascent_steps: int = DEFAULTS["ascent_steps"],
         probe_every: int = DEFAULTS["probe_every"],
         sharpness_every: int = DEFAULTS["sharpness_every"],
+        reuse: bool = DEFAULTS["reuse"],
         probe_search: str = DEFAULTS["probe_search"],
         probe_space: str = DEFAULTS["probe_space"],
         norm_eps: float = DEFAULTS["norm_eps"],
@@ -98,7 +103,7 @@ class XSAM(Optimizer):
     ):
         settings = dict(rho=rho, rho_max=rho_max, alpha=alpha, alpha_max=alpha_max, alpha_step=alpha_step,
                         ascent_steps=ascent_steps, probe_every=probe_every, sharpness_every=sharpness_every,
-                        probe_search=probe_search, probe_space=probe_space, norm_eps=norm_eps)
+                        reuse=reuse, probe_search=probe_search, probe_space=probe_space, norm_eps=norm_eps)
         validate(settings)
         if rho_max is None:
             settings["rho_max"] = 2 * rho
@@ -106,7 +111,7 @@ class XSAM(Optimizer):
         for group in base.param_groups:
             _refuse_group_settings(group)
         # a float setting given as an int (rho=1) is stored as a float, so state_dict() round-trips its type
-        defaults = {PREFIX + name: float(value) if isinstance(value, int) and HYPERPARAMETERS[name].type is not int
+        defaults = {PREFIX + name: float(value) if type(value) is int and HYPERPARAMETERS[name].type is not int
                     else value for name, value in settings.items()}
         defaults.update(xsam_angle=None, xsam_step=0)
         # Optimizer.__init__ adds our defaults to the base optimizer's own group dicts; then we share its
@@ -119,6 +124,7 @@ class XSAM(Optimizer):
         self.foreach = True if foreach is None else bool(foreach)
         self._theta_0: dict[torch.Tensor, torch.Tensor] = {}  # the one persistent buffer, per parameter
         self._active: list[torch.Tensor] = []  # parameters perturbed in the current step
+        self._norm_g0: torch.Tensor | None = None  # ||g_0|| of the step in progress (reuse splits d along g_0)
         self._local: list[torch.Tensor] = []  # their local shards (the tensors themselves unless FSDP2 shards them)
         self._warned_plain_closure = False
         self._groups: tuple = ()  # the process groups FSDP2 shards the parameters over, when it does
@@ -170,6 +176,11 @@ class XSAM(Optimizer):
         every = self._get("probe_every")
         return every > 0 and self.sharpness_due and self._get("step") % every < self._get("sharpness_every")
 
+    @property
+    def correction_due(self) -> bool:
+        """True on a plain step that carries the last sharpness step's correction (``reuse``, `hf_xsam.reuse`)."""
+        return self._get("reuse") and self._get("rho") > 0 and not self.sharpness_due and bool(self._theta_0)
+
     def probe_grid(self) -> list[float]:
         """The alphas of the probe grid: 0, alpha_step, ..., up to alpha_max (included when on the grid)."""
         return alpha_grid(self._get("alpha_step"), self._get("alpha_max"))
@@ -201,6 +212,8 @@ class XSAM(Optimizer):
         for group in self.param_groups:  # a plain base-optimizer state_dict has no XSAM keys: keep ours
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        self._theta_0.update({p: sharding.local([s[_CORRECTION]])[0]  # the correction a checkpoint carried
+                              for p, s in self.state.items() if _CORRECTION in s})
         self._active, self._local, self._window = [], [], []
 
     # ------------------------------------------------------------------ the pieces of a step
@@ -215,6 +228,7 @@ class XSAM(Optimizer):
         rho, k, eps = self._get("rho"), self._get("ascent_steps"), self._get("norm_eps")
         if rho == 0:
             return
+        first = False
         if not self._active:
             self._active = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
             if not self._active:
@@ -222,8 +236,12 @@ class XSAM(Optimizer):
             self._groups = sharding.shard_groups(self._active)
             self._local = sharding.local(self._active)  # views: writing to them writes the parameters
             self._save_theta_0()
+            first = True
         grads = self._local_grads()
-        scale = (rho / k) / (geometry.global_norm(grads, self.foreach, self._groups) + eps)
+        norm = geometry.global_norm(grads, self.foreach, self._groups)
+        if first:
+            self._norm_g0 = norm
+        scale = (rho / k) / (norm + eps)
         geometry.ascend(self._local, grads, scale, self.foreach)
 
     @torch.no_grad()
@@ -249,7 +267,8 @@ class XSAM(Optimizer):
         params, grads = self._local, self._local_grads()
         theta_0 = [self._theta_0[p] for p in self._active]
         info = DirectionInfo(psi=None, alpha=self.alpha)
-        if self.alpha != 1.0 or self.angle is not None or probe_fn is not None:  # else SAM: d = g_k, in .grad
+        carrying = self._get("reuse")  # then d and the correction from the plane, and theta_0 restored with them
+        if self.alpha != 1.0 or self.angle is not None or probe_fn is not None or carrying:  # else SAM: d = g_k
             eps = self._get("norm_eps")
             e = geometry.displacement(params, theta_0, in_place=probe_fn is None, foreach=self.foreach)
             # the weights are free until theta_0 is restored: they hold w = ||g_k|| (v0 - v1), no new buffer
@@ -264,10 +283,23 @@ class XSAM(Optimizer):
                 a = geometry.rotation_coefficients(self.angle, psi, norms, eps)
             else:
                 a = geometry.slerp_coefficients(self.alpha, psi, norms, eps)
-            geometry.direction(params, grads, a, self.foreach)
+            if carrying:
+                reuse.carry(params, theta_0, grads, a, psi, self._norm_g0, eps, self.foreach)
+            else:
+                geometry.direction(params, grads, a, self.foreach)
             info.psi = psi
-        self._end_passes()
+        self._end_passes(restore=not carrying)
         return info
+
+    @torch.no_grad()
+    def apply_correction(self) -> None:
+        """On a step where ``correction_due``, with the step's gradient g in ``.grad``: .grad = g + ||g|| c', with
+        c' the correction the last sharpness step kept (`hf_xsam.reuse.correct`)."""
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        kept = [p for p in params if p in self._theta_0]
+        reuse.correct(sharding.local([p.grad for p in params]), sharding.local([p.grad for p in kept]),
+                      [self._theta_0[p] for p in kept], self._get("norm_eps"), self.foreach,
+                      sharding.shard_groups(params))
 
     @torch.no_grad()
     def step(self, closure: Callable[..., torch.Tensor] | None = None):
@@ -334,6 +366,11 @@ class XSAM(Optimizer):
     def _base_step(self):
         self._active, self._local = [], []
         result = self.base_optimizer.step()
+        if self._get("reuse"):
+            for p, kept in self._theta_0.items():
+                held = self.state[p].get(_CORRECTION)
+                if held is None or sharding.local([held])[0].data_ptr() != kept.data_ptr():
+                    self.state[p][_CORRECTION] = sharding.like(kept, p)
         self._set("step", self._get("step") + 1)
         return result
 
@@ -352,9 +389,11 @@ class XSAM(Optimizer):
                 self._theta_0[key] = torch.empty_like(p, memory_format=torch.preserve_format)
         geometry.copy([self._theta_0[p] for p in self._active], self._local, self.foreach)
 
-    def _end_passes(self) -> None:
-        """Weights back to theta_0 bitwise; the next ascent_step starts a new pass set (micro-batch or step)."""
-        geometry.copy(self._local, [self._theta_0[p] for p in self._active], self.foreach)
+    def _end_passes(self, restore: bool = True) -> None:
+        """Weights back to theta_0 bitwise (unless already); the next ascent_step starts a new pass set."""
+        if restore:
+            geometry.copy(self._local, [self._theta_0[p] for p in self._active], self.foreach)
+        self._norm_g0 = None
         self._active, self._local = [], []
 
     def _probe(self, theta_0, e, grads, norms, psi, probe_fn, reduce_losses):

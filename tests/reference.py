@@ -134,6 +134,8 @@ class ReferenceXSAM:
         ascent_steps: int = 1,
         probe_every: int = 0,
         eps: float = 1e-12,
+        sharpness_every: int = 1,
+        reuse: bool = False,
     ):
         self.base = base
         self.params = [p for group in base.param_groups for p in group["params"]]
@@ -144,6 +146,9 @@ class ReferenceXSAM:
         self.k = ascent_steps
         self.interval = probe_every
         self.eps = eps
+        self.every = sharpness_every
+        self.reuse = reuse
+        self.correction: torch.Tensor | None = None  # c / ||g_0|| of the last sharpness step (reuse)
         self.t = 0  # optimizer steps taken
         self.last_probe_losses: list[float] | None = None
         self.last_psi: float | None = None
@@ -175,7 +180,11 @@ class ReferenceXSAM:
         buffers = FrozenBuffers(model)
         self.last_probe_losses = None
         self.last_psi = None
-        if self.rho == 0:
+        if self.rho == 0 or self.t % self.every != 0:  # a plain step, between sharpness steps
+            if self.rho > 0 and self.reuse and self.correction is not None:  # g + ||g|| c / ||g_0||
+                active = [p for p in self.params if p.grad is not None]
+                g = flat_grads(active)
+                write_grads(active, g + g.norm() * self.correction)
             self.base.step()
             self.t += 1
             return loss
@@ -183,6 +192,7 @@ class ReferenceXSAM:
         active = [p for p in self.params if p.grad is not None]
         theta_0 = flatten(active)
         g = flat_grads(active)
+        g_0 = g
 
         # 2-3. k ascent steps of length rho/k along the normalised gradient, then g_k
         for _ in range(self.k):
@@ -199,8 +209,9 @@ class ReferenceXSAM:
         v0, v1, psi, degenerate = geometry(e, g_k, self.eps)
         self.last_psi = psi
 
-        # 7. re-choose alpha on steps 0, N, 2N, ...: the loss at theta_0 + rho_max v(alpha), argmax
-        if self.interval > 0 and self.t % self.interval == 0 and not degenerate:
+        # 7. re-choose alpha on the first sharpness step at or after each multiple of probe_every: the loss at
+        # theta_0 + rho_max v(alpha), argmax
+        if self.interval > 0 and self.t % self.interval < self.every and not degenerate:
             losses = []
             for alpha in self.grid:
                 write_params(active, theta_0 + self.rho_max * slerp(v0, v1, psi, alpha))
@@ -210,6 +221,10 @@ class ReferenceXSAM:
 
         # 5-6. d = ||g_k|| v(alpha), or g_k itself when the plane is degenerate
         d = g_k if degenerate else g_k.norm() * slerp(v0, v1, psi, self.alpha)
+        if self.reuse:  # the part of d orthogonal to g_0, per unit of ||g_0||
+            norm_0 = g_0.norm()
+            c = d - (torch.dot(d, g_0) / norm_0**2) * g_0 if norm_0 > 0 else torch.zeros_like(d)
+            self.correction = c / norm_0 if norm_0 > 0 else c
         write_params(active, theta_0)
         write_grads(active, d)
         set_rng_state(rng_after)

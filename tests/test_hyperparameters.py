@@ -25,6 +25,7 @@ BAD_VALUES = {
     "ascent_steps": [0, -1, 1.5, 2.0, True, "2"],
     "probe_every": [-1, 0.5, True, None],
     "sharpness_every": [0, 1.5, True],
+    "reuse": [1, "yes", None],
     "probe_search": ["exhaustive", None, 1],
     "probe_space": ["radius", None],
     "norm_eps": [0.0, -1e-12, math.nan, True],
@@ -65,12 +66,18 @@ def test_the_flags_refuse_a_bad_value_by_the_flag_name(tmp_path, name, value):
     (dict(alpha_step=5.0), "{p}alpha_step=5.0 is invalid with {p}alpha_max=2.0 and {p}probe_every=200: the probe "
                            "grid would be the single point alpha = 0"),
     (dict(alpha_max=0.0), "{p}alpha_step=0.1 is invalid with {p}alpha_max=0.0 and {p}probe_every=200"),
+    (dict(reuse=True), "{p}reuse=True is invalid with {p}sharpness_every=1: every step is sharpness-aware, so there "
+                       "is no step in between to carry the correction to; set {p}sharpness_every to N > 1"),
+    (dict(reuse=True, sharpness_every=4, ascent_steps=3), "{p}reuse=True is invalid with {p}ascent_steps=3: the "
+                                                          "correction is the part of the direction orthogonal to g_0"),
 ])
-def test_degenerate_probes_are_refused_by_both(tmp_path, settings, message):
+def test_settings_that_cannot_work_together_are_refused_by_both(tmp_path, settings, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message.format(p=''))}"):
         XSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, **settings)
     with pytest.raises(ValueError, match=f"^{re.escape(message.format(p='xsam_'))}"):
         make_args(tmp_path, **{f"xsam_{k}": v for k, v in settings.items()})
+    if "reuse" in settings:
+        return
     # without probing nothing is chosen, so the same values are fine (and a fixed alpha is used as given)
     opt = XSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, probe_every=0, **settings)
     assert not opt.probe_due

@@ -27,7 +27,7 @@ def test_flags_parsed_from_a_command_line():
                  "--xsam_probe_batches", "4")
     assert args.optim == "xsam"
     assert args.xsam_kwargs() == dict(rho=0.1, rho_max=0.3, alpha=0.5, alpha_max=1.5, alpha_step=0.25,
-                                      ascent_steps=3, probe_every=7, sharpness_every=2, probe_search="fast",
+                                      ascent_steps=3, probe_every=7, sharpness_every=2, reuse=False, probe_search="fast",
                                       probe_space="angle", norm_eps=1e-12)
     assert args.xsam_probe_batches == 4
     assert args.xsam_base_optim == "sgd"
@@ -67,6 +67,9 @@ def test_help_lists_every_flag(capsys):
         (["--xsam_probe_every", "-2"], r"xsam_probe_every=-2 is invalid: must be an integer >= 0"),
         (["--xsam_sharpness_every", "0"], r"xsam_sharpness_every=0 is invalid: must be an integer >= 1"),
         (["--xsam_probe_batches", "0"], r"xsam_probe_batches=0 is invalid: must be an integer >= 1"),
+        (["--xsam_reuse"], r"xsam_reuse=True is invalid with xsam_sharpness_every=1"),
+        (["--xsam_reuse", "--xsam_sharpness_every", "4", "--xsam_perturbation", "local"],
+         r"xsam_reuse=True is invalid with xsam_perturbation='local': each micro-batch's sharpness step"),
         (["--xsam_base_optim", "xsam"], r"xsam_base_optim='xsam' is invalid: XSAM cannot wrap itself"),
         (["--xsam_base_optim", "adamw_nope"], r"xsam_base_optim='adamw_nope' is invalid: must be a built-in"),
         (["--xsam_base_optim", "lomo"], r"xsam_base_optim='lomo' is invalid: LOMO updates the weights inside"),
@@ -87,6 +90,13 @@ def test_bad_probe_choices_raise_value_error(tmp_path, field, value, message):
     # on a command line argparse refuses them (choices); built in code they reach our check
     with pytest.raises(ValueError, match=message):
         XSAMTrainingArguments(output_dir=str(tmp_path), optim="xsam", use_cpu=True, **{field: value})
+
+
+def test_reuse_flag_parses_and_reaches_the_optimizer():
+    args = parse("--optim", "sam", "--xsam_reuse", "--xsam_sharpness_every", "4")
+    assert args.xsam_reuse is True
+    assert args.xsam_kwargs()["reuse"] is True and args.xsam_kwargs()["sharpness_every"] == 4
+    assert parse("--optim", "xsam").xsam_reuse is False
 
 
 def test_sam_with_another_alpha_is_rejected():

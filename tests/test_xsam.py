@@ -679,7 +679,7 @@ def test_add_param_group_joins_the_global_norm():
     opt.add_param_group({"params": second.parameters(), "lr": 0.02})
     assert len(opt.param_groups) == 2 and opt.param_groups is opt.base_optimizer.param_groups
     xsam_keys = {key for key in opt.param_groups[0] if key.startswith("xsam_")}
-    assert len(xsam_keys) == 13
+    assert len(xsam_keys) == 14
     assert all(opt.param_groups[1][key] == opt.param_groups[0][key] for key in xsam_keys)
 
     ref = ReferenceXSAM(torch.optim.SGD([{"params": ref_model[0].parameters()},

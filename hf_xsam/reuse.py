@@ -1,0 +1,110 @@
+"""The correction a sharpness step leaves for the plain steps after it (``reuse``), in pure functions on lists of
+tensors beside `hf_xsam.geometry` (docs/algorithm.md, "Beyond the paper").
+
+With one ascent step the ascent runs along g_0, so v0 = g_0 / ||g_0||. A sharpness step's direction d splits into
+its part along v0, which a plain step along g_0 would also take, and the rest, c = d - (d . v0) v0: what
+sharpness-awareness adds. The step keeps c' = c / ||g_0||, and each plain step until the next sharpness step
+descends along g + ||g|| c' instead of g: the correction, grown to that step's own gradient norm (the global
+decomposition of LookSAM, Liu et al., CVPR 2022, with the prototype's scale rather than LookSAM's fixed one).
+
+c' is free of the gradient's scale: fp16's loss scale multiplies c and ||g_0|| alike, and g + ||g|| c' scales with
+g, so a scaler may change its scale between the steps.
+
+Memory: c' lives in the theta_0 buffer, which a sharpness step needs only while it runs, so reuse adds no buffer.
+Handing the buffer over takes care: at the end of the step the weights must get theta_0 back bitwise from that
+buffer while the buffer receives c', and c' is made of vectors that live in the weights and the gradients. `carry`
+forms c' in the weights (free once theta_0 is restored) and then exchanges weights and buffer bit for bit. Every
+scalar stays on the device: no host sync, no temporary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_xsam.geometry import global_norm
+
+# integer dtypes of each element size: the exchange of `swap` adds bit patterns
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _add(out, tensors, foreach: bool) -> None:
+    if foreach:
+        torch._foreach_add_(out, tensors)
+    else:
+        for o, t in zip(out, tensors):
+            o.add_(t)
+
+
+def _mul(out, scale: torch.Tensor, foreach: bool) -> None:
+    if foreach:
+        torch._foreach_mul_(out, scale)
+    else:
+        for o in out:
+            o.mul_(scale)
+
+
+def kept_axpy(y, x, t: torch.Tensor, foreach: bool) -> None:
+    """y += t x for a 0-dim device tensor t, keeping x (to two roundings).
+
+    torch's multi-tensor axpy takes its factor as a host number, so it would sync. Here x is scaled in place and
+    added twice: y += s x, then y += s r x, then x is scaled back by 1 / (s r), with s(1 + r) = t. s = -1 for
+    t >= 0 and +1 otherwise makes |r| = 1 + |t| >= 1, so nothing is ever divided by a small number."""
+    s = 1.0 - 2.0 * (t >= 0).to(t.dtype)
+    r = t / s - 1.0
+    _mul(x, s, foreach)
+    _add(y, x, foreach)
+    _mul(x, r, foreach)
+    _add(y, x, foreach)
+    _mul(x, 1.0 / (s * r), foreach)
+
+
+def swap(a, b, foreach: bool) -> None:
+    """Exchange the contents of two lists of tensors bit for bit, with no temporary: on integer views,
+    a += b; b -= a (b = -a_old); b = -b; a -= b. Integer addition wraps around, so every bit pattern (NaN and inf
+    included) comes through unchanged, which a float exchange could not promise."""
+    a = [t.view(_BITS[t.element_size()]) for t in a]
+    b = [t.view(_BITS[t.element_size()]) for t in b]
+    if foreach:
+        torch._foreach_add_(a, b)
+        torch._foreach_sub_(b, a)
+        torch._foreach_neg_(b)
+        torch._foreach_sub_(a, b)
+    else:
+        for x, y in zip(a, b):
+            x.add_(y)
+            y.sub_(x)
+            y.neg_()
+            x.sub_(y)
+
+
+def carry(params, theta_0, grads, a: torch.Tensor, psi: torch.Tensor, norm_g0: torch.Tensor, eps: float,
+          foreach: bool) -> None:
+    """End a sharpness step that keeps its correction.
+
+    On entry (after `geometry.plane`): ``params`` hold w = ||g_k|| (v0 - v1), ``grads`` g_k, ``theta_0`` the saved
+    weights; ``a`` = (a0, a1) are the direction's coefficients, d = ||g_k|| (a0 v0 + a1 v1), and ``norm_g0`` is
+    ||g_0|| (the ascent's own norm). On return ``grads`` hold d (as `geometry.direction` builds it, to rounding),
+    ``params`` theta_0 bitwise, and ``theta_0``'s buffers c' = (d - (d . v0) v0) / ||g_0||.
+    """
+    _add(params, grads, foreach)  # u = w + g_k = ||g_k|| v0
+    _mul(grads, a[1], foreach)
+    kept_axpy(grads, params, a[0], foreach)  # d = a0 u + a1 g_k
+    # (d . v0) v0 = beta u with beta = a0 + a1 cos(psi); with no g_0 there is nothing to split off: c' = 0
+    beta = a[0] + a[1] * torch.cos(psi)
+    inverse = torch.where(norm_g0 > eps, 1.0 / (norm_g0 + eps), torch.zeros_like(norm_g0))
+    _mul(params, -beta, foreach)
+    _add(params, grads, foreach)
+    _mul(params, inverse, foreach)  # c'
+    swap(params, theta_0, foreach)
+
+
+def correct(grads, carried_grads, carried, eps: float, foreach: bool, groups: tuple = ()) -> None:
+    """A step between sharpness steps: g = ||g|| (g / ||g|| + c') in place, which is g + ||g|| c'.
+
+    ``grads`` are all the gradients (the norm spans them, over the shards' ranks when ``groups`` are given: one
+    all-reduce of a scalar); ``carried_grads`` those of them with a kept c', ``carried`` those c'. One norm and
+    three multi-tensor operations; no host sync."""
+    norm = global_norm(grads, foreach, groups)
+    _mul(grads, 1.0 / (norm + eps), foreach)
+    _add(carried_grads, carried, foreach)
+    _mul(grads, norm, foreach)

@@ -1,0 +1,200 @@
+"""``reuse``: the steps between sharpness steps carry the last one's correction (hf_xsam/reuse.py), against the
+naive reference (tests/reference.py), and its invariants in the optimizer."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from helpers import BASES, MLP, TASKS, make_closure
+from test_xsam import assert_changed, assert_states_close, train_reference, train_xsam
+
+from hf_xsam import XSAM, reuse
+from hf_xsam.passes import sharpness_passes
+
+pytestmark = pytest.mark.usefixtures("seeded")
+
+
+@pytest.mark.parametrize("alpha, probe", [(0.5, False), (1.0, False), (0.5, True)], ids=["xsam", "looksam", "probed"])
+@pytest.mark.parametrize("base_name", ["sgd", "adamw"])
+@pytest.mark.parametrize("task_name", ["mlp", "bert"])
+def test_matches_reference(task_name, base_name, alpha, probe):
+    task, steps = TASKS[task_name], 40
+    base, base_kwargs = BASES[base_name], task.base_kwargs[base_name]
+    kwargs = dict(rho=task.rho, alpha=alpha, probe_every=8 if probe else 0, sharpness_every=4, reuse=True)
+    batches = task.batches(steps)
+    initial = {name: p.detach().clone() for name, p in task.build().named_parameters()}
+    model, opt, losses, alphas = train_xsam(task, batches, base, base_kwargs, **kwargs)
+    ref_model, ref, ref_losses, ref_alphas, _ = train_reference(task, batches, base, base_kwargs, **kwargs)
+    assert_states_close(model, ref_model, rtol=1e-4, atol=1e-5)
+    assert_changed(model, initial)
+    assert alphas == ref_alphas
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-4, atol=1e-5)
+    assert ref.correction.norm() > 1e-3  # the steps in between did carry something
+
+
+def test_reuse_changes_only_the_steps_in_between():
+    """With reuse the sharpness steps take the same direction as without (to rounding), the plain steps not."""
+    batches = MLP.batches(8)
+    kwargs = dict(rho=MLP.rho, alpha=0.5, probe_every=0, sharpness_every=4)
+    grads = {}
+    for reused in (False, True):
+        model = MLP.build()
+        opt = XSAM(model.parameters(), torch.optim.SGD, reuse=reused, lr=0.0, **kwargs)  # lr 0: one point
+        grads[reused] = []
+        for batch in batches:
+            opt.step(make_closure(model, MLP.loss, batch))
+            grads[reused].append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    for step, (plain, carried) in enumerate(zip(grads[False], grads[True])):
+        if step % 4 == 0:
+            torch.testing.assert_close(carried, plain, rtol=1e-5, atol=1e-6)
+        else:
+            assert (carried - plain).norm() > 1e-2 * plain.norm(), step
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_correction_is_orthogonal_to_g_0_and_scaled_by_its_norm(foreach):
+    """After a sharpness step the buffer holds c' = (d - (d . v0) v0) / ||g_0||: orthogonal to g_0, and the
+    weights are theta_0 bitwise."""
+    model = MLP.build()
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=MLP.rho, alpha=0.7, probe_every=0, sharpness_every=2,
+               reuse=True, foreach=foreach, lr=0.1)
+    batch = MLP.batches(1)[0]
+    closure = make_closure(model, MLP.loss, batch)
+    theta_0 = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    closure()
+    g_0 = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    sharpness_passes(opt, [_replayable(closure)])
+    d = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    kept = torch.cat([opt._theta_0[p].reshape(-1) for p in model.parameters()])
+    for p, before in zip(model.parameters(), theta_0):
+        assert torch.equal(p, before)
+    expected = (d - torch.dot(d, g_0) / g_0.norm() ** 2 * g_0) / g_0.norm()
+    torch.testing.assert_close(kept, expected, rtol=1e-4, atol=1e-6)
+    assert abs(torch.dot(kept, g_0)) < 1e-5 * kept.norm() * g_0.norm()
+    assert kept.norm() > 1e-2
+
+
+def _replayable(closure):
+    from hf_xsam.replay import RNGState
+    from hf_xsam.types import MicroBatch
+
+    return MicroBatch(run=lambda backward: closure(backward), rng=RNGState.capture({torch.device("cpu")}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_swap_exchanges_every_bit(dtype, foreach):
+    a = [torch.randn(5, dtype=dtype) * 1e30 if dtype != torch.bfloat16 else torch.randn(5, dtype=dtype),
+         torch.tensor([float("nan"), float("inf"), -0.0], dtype=dtype)]
+    b = [torch.randn(5, dtype=dtype), torch.tensor([1.0, -float("inf"), 0.0], dtype=dtype)]
+    a0, b0 = [t.clone() for t in a], [t.clone() for t in b]
+    reuse.swap(a, b, foreach)
+    for x, y in zip(a + b, b0 + a0):
+        assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+
+
+@pytest.mark.parametrize("t", [0.0, 1e-9, -1e-9, 0.3, -0.3, 1.0, -1.0, 7.5, -7.5])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_kept_axpy(t, foreach):
+    x = [torch.randn(7, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)]
+    y = [torch.randn(7, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)]
+    x0, y0 = [v.clone() for v in x], [v.clone() for v in y]
+    reuse.kept_axpy(y, x, torch.tensor(t, dtype=torch.float64), foreach)
+    for xi, x0i, yi, y0i in zip(x, x0, y, y0):
+        torch.testing.assert_close(xi, x0i, rtol=1e-14, atol=0)
+        torch.testing.assert_close(yi, y0i + t * x0i, rtol=1e-14, atol=1e-14)
+
+
+def test_foreach_matches_the_loop():
+    batches = MLP.batches(12)
+    results = []
+    for foreach in (True, False):
+        model = MLP.build()
+        opt = XSAM(model.parameters(), torch.optim.AdamW, rho=MLP.rho, alpha=0.5, probe_every=4, sharpness_every=3,
+                   reuse=True, foreach=foreach, lr=1e-2)
+        for batch in batches:
+            opt.step(make_closure(model, MLP.loss, batch))
+        results.append(model)
+    assert_states_close(*results, rtol=1e-6, atol=1e-7)
+
+
+def test_state_dict_between_sharpness_steps_resumes_bitwise():
+    """A checkpoint taken between two sharpness steps carries the correction: the resumed run equals the
+    uninterrupted one bitwise."""
+    batches = MLP.batches(11)
+    kwargs = dict(rho=MLP.rho, alpha=0.5, probe_every=4, sharpness_every=4, reuse=True, lr=1e-2)
+
+    def run(model, opt, part):
+        for batch in part:
+            opt.step(make_closure(model, MLP.loss, batch))
+
+    model = MLP.build()
+    opt = XSAM(model.parameters(), torch.optim.AdamW, **kwargs)
+    run(model, opt, batches[:6])  # step 6: two steps after the sharpness step at 4
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}, buffer)
+    run(model, opt, batches[6:])
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert all("xsam_correction" in s for s in saved["opt"]["state"].values())
+    resumed = MLP.build()
+    resumed.load_state_dict(saved["model"])
+    opt2 = XSAM(resumed.parameters(), torch.optim.AdamW, **kwargs)
+    opt2.load_state_dict(saved["opt"])
+    torch.set_rng_state(saved["rng"])  # the model's dropout
+    assert opt2.correction_due
+    run(resumed, opt2, batches[6:])
+    for x, y in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(x, y)
+
+
+def test_no_new_buffer_and_no_correction_without_reuse():
+    model = MLP.build()
+    opt = XSAM(model.parameters(), torch.optim.AdamW, rho=MLP.rho, probe_every=0, sharpness_every=2, lr=1e-2)
+    for batch in MLP.batches(3):
+        opt.step(make_closure(model, MLP.loss, batch))
+    assert not opt.correction_due
+    assert all("xsam_correction" not in s for s in opt.state_dict()["state"].values())
+    model = MLP.build()
+    opt = XSAM(model.parameters(), torch.optim.AdamW, rho=MLP.rho, probe_every=0, sharpness_every=2, reuse=True,
+               lr=1e-2)
+    for batch in MLP.batches(3):
+        opt.step(make_closure(model, MLP.loss, batch))
+    assert opt.correction_due
+    params = list(model.parameters())
+    assert len(opt._theta_0) == len(params)
+    for p in params:  # the state's correction is the theta_0 buffer itself, not a copy
+        assert opt.state[p]["xsam_correction"].data_ptr() == opt._theta_0[p].data_ptr()
+
+
+def test_rho_zero_with_reuse_is_the_base_optimizer():
+    batches = MLP.batches(6)
+    models = []
+    for reused in (False, True):
+        model = MLP.build()
+        opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.0, sharpness_every=3, reuse=reused, lr=0.1)
+        for batch in batches:
+            opt.step(make_closure(model, MLP.loss, batch))
+        models.append(model)
+    base = MLP.build()
+    sgd = torch.optim.SGD(base.parameters(), lr=0.1)
+    for batch in batches:
+        sgd.zero_grad()
+        MLP.loss(base, batch).backward()
+        sgd.step()
+    for a, b, c in zip(*(m.parameters() for m in models), base.parameters()):
+        assert torch.equal(a, c) and torch.equal(b, c)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(reuse=True), r"reuse=True is invalid with sharpness_every=1: every step is sharpness-aware"),
+    (dict(reuse=True, sharpness_every=4, ascent_steps=2), r"reuse=True is invalid with ascent_steps=2"),
+    (dict(reuse=1, sharpness_every=4), r"reuse=1 is invalid: must be True or False"),
+])
+def test_bad_reuse_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        XSAM(MLP.build().parameters(), torch.optim.SGD, lr=0.1, **kwargs)
