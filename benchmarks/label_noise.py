@@ -8,7 +8,8 @@ plus the per-run start-up and evaluation seen in the smoke runs; one study at a 
         # MiniLM on 2000 tweets x 5 epochs (625 steps a run), 39 runs: about 12 h
     OMP_NUM_THREADS=1 python benchmarks/label_noise.py --task fashion_mnist --train_examples 2000 \
         --num_train_epochs 40 --json benchmarks/results/label_noise_fashion_mnist.json -- --pad 0 --width 24
-        # the paper_regime CNN, 24 channels wide, no random crops, on 2000 images x 40 epochs (1600 steps a run):
+        # the CNN of image_task.py (paper_regime's), 24 channels wide, no random crops, on 2000 images x 40 epochs
+        # (1600 steps a run):
         # SGD memorises 40% noise there (RESULTS.md). 39 runs: about 2.5 h on one core
         # (needs `apt-get install dataset-fashion-mnist`, or --data_dir with the four idx .gz files)
 
@@ -26,9 +27,9 @@ default 0, 0.2, 0.4) gets a label drawn uniformly from the other classes, chosen
 method and seed sees the same noisy labels; validation and test stay clean. ``--task text`` runs
 `examples/text_classification.py` (MiniLM, tweets; base optimizer AdamW) as subprocesses on the first
 ``--train_examples`` training tweets for ``--num_train_epochs``; ``--task fashion_mnist`` calls
-`benchmarks/paper_regime.py`'s CNN (base optimizer SGD; SAM and XSAM with k = 1, XSAM probing once per epoch) on
+`benchmarks/image_task.py`'s CNN (base optimizer SGD; SAM and XSAM with k = 1, XSAM probing once per epoch) on
 ``--train_examples`` images for ``--num_train_epochs``, with ``--val_examples`` clean images held out for validation.
-Flags after ``--`` go to the example (text) or to paper_regime's parser (fashion_mnist).
+Flags after ``--`` go to the example (text) or to image_task's flags (fashion_mnist).
 
 Per noise level: SAM's and XSAM's rho each chosen by clean validation accuracy over ``--rhos`` on the first seed,
 then the base optimizer, SAM and XSAM at their chosen rho over every ``--seeds`` value. The tables: the rho choice;
@@ -42,128 +43,32 @@ interrupted study resumes.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import statistics
-from collections.abc import Callable
 
 import harness
+from noise_study import (
+    Runner,
+    Store,
+    check_distinct,
+    check_rhos,
+    choose_rho,
+    example_runner,
+    gap_text,
+    image_runner,
+    mean_sd,
+    method_name,
+    number_text,
+    paired_gap,
+    run_key,
+)
 
 METHODS = ("base", "sam", "xsam")
 BASE = {"text": "AdamW", "digits": "AdamW", "fashion_mnist": "SGD"}
-Runner = Callable[[str, float | None, int], dict]  # run(method, rho, seed) -> record
 DEFAULTS = {  # per task: rho grid, training examples, epochs
     "text": dict(rhos=[0.02, 0.05, 0.1], train_examples=2000, num_train_epochs=5),
     "fashion_mnist": dict(rhos=[0.05, 0.1, 0.2], train_examples=2000, num_train_epochs=100),
 }
-
-
-# ---------------------------------------------------------------------- runs
-class Store:
-    """The runs so far, by key, in a JSON file saved after every run; ``config`` must match the file's."""
-
-    def __init__(self, path: str, config: dict):
-        self.path = path
-        self.data = {"config": config, "runs": {}}
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
-            if saved.get("config") != config:
-                raise ValueError(f"--json={path!r} holds runs of {saved.get('config')}, not of {config}: "
-                                 "name another file")
-            self.data = saved
-
-    def merge(self, paths: list[str]) -> None:
-        """Add the runs of other results files of the same ``config`` (a study split over processes, e.g. one noise
-        level each) that this one lacks."""
-        for path in paths:
-            with open(path, encoding="utf-8") as f:
-                other = json.load(f)
-            if other.get("config") != self.data["config"]:
-                raise ValueError(f"--merge={path!r} holds runs of {other.get('config')}, not of "
-                                 f"{self.data['config']}: only runs of the same study merge")
-            for key, record in other["runs"].items():
-                self.data["runs"].setdefault(key, record)
-        if paths:
-            harness.write_json(self.path, self.data)
-
-    def get(self, key: str, make: Callable[[], dict], describe: str) -> dict:
-        """The run saved under ``key``, or ``make()``'s, saved at once."""
-        if key not in self.data["runs"]:
-            record = make()
-            self.data["runs"][key] = record
-            harness.write_json(self.path, self.data)
-            fit = "" if record["train_acc"] is None else f" train (labels trained on) {record['train_acc']:.4f}"
-            print(f"  {describe}: val {record['val_acc']:.4f} test {record['test_acc']:.4f}{fit} "
-                  f"({record['seconds']:.0f} s)", flush=True)
-        return self.data["runs"][key]
-
-
-def run_key(method: str, noise: float, rho: float | None, seed: int) -> str:
-    return f"{method}|{noise:g}|{'-' if rho is None else f'{rho:g}'}|{seed}"
-
-
-def example_runner(task: str, flags: list[str], train_accuracy: bool = True) -> Runner:
-    """run(method, rho, seed) for an example (`compare.run`, a subprocess): its record, in this script's fields
-    (``train_acc``, on the labels trained on, is None unless ``train_accuracy``: it costs a pass over the split)."""
-    from compare import KEEP
-    from compare import run as run_example
-
-    optim = {"base": "adamw_torch", "sam": "sam", "xsam": "xsam"}
-
-    def run(method: str, rho: float | None, seed: int) -> dict:
-        rho_flags = [] if rho is None else ["--xsam_rho", str(rho)]
-        fit = ("train_accuracy",) if train_accuracy else ()
-        result = run_example(task, ["--optim", optim[method], *rho_flags, "--train_accuracy", str(train_accuracy),
-                                    *flags], seed, keep=(*KEEP, *fit))
-        alphas = result["probe_alphas"]
-        return dict(val_acc=result["eval_accuracy"], test_acc=result["test_accuracy"],
-                    train_acc=result.get("train_accuracy"), mean_alpha=statistics.fmean(alphas) if alphas else None,
-                    mean_psi=result["mean_psi"], seconds=result["train_runtime_s"], steps=result["train_steps"])
-
-    return run
-
-
-def paper_regime_runner(argv: list[str]) -> Runner:
-    """run(method, rho, seed) for paper_regime's model (in this process): SGD, SAM or XSAM (probe once per epoch),
-    k = 1, on the data of paper_regime's flags ``argv`` (loaded once)."""
-    import paper_regime
-    import torch
-
-    args = paper_regime.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    data, val = paper_regime.prepare_data(args)
-    args.pad = args.pad if args.pad is not None else (2 if data[0].shape[-1] <= 28 else 4)
-
-    def run(method: str, rho: float | None, seed: int) -> dict:
-        grid = paper_regime.settings([rho or 0.1], [1], [], args.default_every)
-        setting = {"base": grid[0], "sam": grid[1], "xsam": grid[2]}[method]
-        r = paper_regime.train_one(setting, seed, data, args, val=val)
-        return dict(val_acc=r["val_acc"], test_acc=r["test_acc"], train_acc=r["train_acc"],
-                    mean_alpha=r["mean_alpha"], mean_psi=r["mean_psi"], seconds=r["seconds_per_epoch"] * args.epochs,
-                    steps=len(data[0]) // args.batch_size * args.epochs)
-
-    return run
-
-
-# ---------------------------------------------------------------------- statistics
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def paired_gap(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int] | None:
-    """Mean and standard error (sd / sqrt(n); nan for one pair) of a[seed] - b[seed] over the seeds both have."""
-    diffs = [a[s] - b[s] for s in a if s in b]
-    if not diffs:
-        return None
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-    return statistics.fmean(diffs), se, len(diffs)
-
-
-def choose_rho(val_by_rho: dict[float, float]) -> float:
-    """The rho of the best validation accuracy (the smaller rho on a tie)."""
-    return max(val_by_rho, key=lambda r: (val_by_rho[r], -r))
 
 
 def summary_rows(runs: dict[str, dict], noise_levels: list[float], seeds: list[int],
@@ -196,26 +101,14 @@ def summary_rows(runs: dict[str, dict], noise_levels: list[float], seeds: list[i
 
 
 # ---------------------------------------------------------------------- tables
-def _num(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _gap(gap) -> str:
-    return "-" if gap is None else f"{gap[0]:+.4f} ± {gap[1]:.4f}"
-
-
-def method_name(method: str, base: str, rho: float | None = None) -> str:
-    name = {"base": base, "sam": "SAM", "xsam": "XSAM"}[method]
-    return name if rho is None else f"{name} rho {rho:g}"
-
-
 def results_table(rows: list[dict], base: str) -> str:
     header = ["noise", "method", "seeds", "test accuracy (mean ± sd)", f"gap to {base} (paired ± SE)",
               "gap to SAM (paired ± SE)", "train acc, noisy labels", "validation", "mean alpha*", "mean psi (rad)",
               "train s (median)"]
     cells = [[f"{r['noise']:g}", method_name(r["method"], base, r["rho"]), str(r["seeds"]),
-              f"{r['test'][0]:.4f} ± {r['test'][1]:.4f}", _gap(r["vs_base"]), _gap(r["vs_sam"]), f"{r['train']:.4f}",
-              f"{r['val']:.4f}", _num(r["mean_alpha"], ".2f"), _num(r["mean_psi"], ".3f"), f"{r['seconds']:.0f}"]
+              f"{r['test'][0]:.4f} ± {r['test'][1]:.4f}", gap_text(r["vs_base"]), gap_text(r["vs_sam"]),
+              f"{r['train']:.4f}", f"{r['val']:.4f}", number_text(r["mean_alpha"], ".2f"),
+              number_text(r["mean_psi"], ".3f"), f"{r['seconds']:.0f}"]
              for r in rows]
     return harness.markdown_table(header, cells)
 
@@ -231,7 +124,7 @@ def rho_table(runs: dict[str, dict], noise_levels, rhos, seed: int, chosen) -> s
             star = {m: "*" if chosen.get(noise, {}).get(m) == rho else "" for m in ("sam", "xsam")}
             cells.append([f"{noise:g}", f"{rho:g}", f"{sam['val_acc']:.4f}{star['sam']}", f"{sam['test_acc']:.4f}",
                           f"{xsam['val_acc']:.4f}{star['xsam']}", f"{xsam['test_acc']:.4f}",
-                          _num(xsam["mean_alpha"], ".2f"), _num(xsam["mean_psi"], ".3f")])
+                          number_text(xsam["mean_alpha"], ".2f"), number_text(xsam["mean_psi"], ".3f")])
     return (f"rho chosen on the clean validation split, seed {seed} (* = best validation accuracy, used below)\n"
             + harness.markdown_table(header, cells))
 
@@ -262,18 +155,6 @@ def plot(rows: list[dict], path: str, title: str, base: str) -> None:
 
 
 # ---------------------------------------------------------------------- command line
-def check_distinct(args, *names: str) -> None:
-    for name in names:
-        values = getattr(args, name)
-        if len(set(values)) != len(values):
-            raise ValueError(f"--{name}={values} is invalid: the values must be distinct")
-
-
-def check_rhos(rhos: list[float]) -> None:
-    if any(r <= 0 for r in rhos):
-        raise ValueError(f"--rhos={rhos} is invalid: every rho must be > 0")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=sorted(DEFAULTS), required=True)
@@ -295,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "are copied into --json first")
     parser.add_argument("--plot", default=None, help="PNG path (default: --json with .png)")
     parser.add_argument("extra", nargs=argparse.REMAINDER,
-                        help="after --: more flags for the example (text) or paper_regime (fashion_mnist)")
+                        help="after --: more flags for the example (text) or image_task (fashion_mnist)")
     args = parser.parse_args(argv)
     args.extra = [a for a in args.extra if a != "--"]
     for name, value in DEFAULTS[args.task].items():
@@ -315,7 +196,7 @@ def runner_for(args, noise: float) -> Runner:
     if args.task == "text":
         return example_runner("text", ["--max_steps", "-1", "--num_train_epochs", str(args.num_train_epochs),
                                        "--max_train_samples", str(args.train_examples), *common, *args.extra])
-    return paper_regime_runner([
+    return image_runner([
         *(["--data_dir", args.data_dir] if args.data_dir else []), "--train_size", str(args.train_examples),
         "--val_size", str(args.val_examples), "--epochs", str(args.num_train_epochs), "--threads", str(args.threads),
         *common, *args.extra])

@@ -22,7 +22,7 @@ import math
 import os
 
 import harness
-import paper_regime  # the model and the data loader of the run that wrote the checkpoint
+import image_task  # the model and the data loader of the run that wrote the checkpoint
 import torch
 from torch.nn import functional as F
 
@@ -103,7 +103,7 @@ def draw(grid: torch.Tensor, axis: torch.Tensor, found: dict, args, batch: int) 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a state_dict saved by paper_regime.py --checkpoint")
-    p.add_argument("--data_dir", default=None, help=f"default: {paper_regime.FASHION_DIR}")
+    p.add_argument("--data_dir", default=None, help=f"default: {image_task.FASHION_DIR}")
     p.add_argument("--width", type=int, default=12, help="the run's --width")
     p.add_argument("--train_size", type=int, default=600, help="the run's --train_size (the same fixed subset)")
     p.add_argument("--batch_size", type=int, default=50)
@@ -121,11 +121,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--checkpoint={args.checkpoint!r} does not exist: run paper_regime.py --checkpoint first")
     torch.set_num_threads(1)
 
-    x_train, y_train, _, _ = paper_regime.load_data("fashion_mnist", args.data_dir)
+    x_train, y_train, _, _ = image_task.load_data("fashion_mnist", args.data_dir)
     if args.train_size:  # the same subset as the run (paper_regime.main picks it with this seed)
         pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1234))[: args.train_size]
         x_train, y_train = x_train[pick], y_train[pick]
-    model = paper_regime.build_model("cnn", 1, 10, args.width)
+    model = image_task.build_model("cnn", 1, 10, args.width)
     model.load_state_dict(torch.load(args.checkpoint))
     model.train()  # batch statistics, as in every pass of the optimizer
 

@@ -25,7 +25,7 @@ import argparse
 import os
 
 import harness
-from label_noise import Store, check_distinct, check_rhos, example_runner, mean_sd, method_name, run_key
+from noise_study import Store, check_distinct, check_rhos, example_runner, mean_sd, method_name, run_key
 
 DEFAULT_RHOS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 

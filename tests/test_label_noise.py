@@ -19,7 +19,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _common  # noqa: E402
 import image_classification  # noqa: E402
+import image_task  # noqa: E402
 import label_noise  # noqa: E402
+import noise_study  # noqa: E402
 import paper_regime  # noqa: E402
 import rho_sensitivity  # noqa: E402
 
@@ -86,11 +88,11 @@ def test_paper_regime_noise_and_clean_validation(tmp_path):
         write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     base = ["--data_dir", str(tmp_path), "--train_size", "100"]
-    (x, y, x_test, y_test), val = paper_regime.prepare_data(paper_regime.parse_args(base))
-    x_all, y_all, _, _ = paper_regime.load_data("fashion_mnist", str(tmp_path))
+    (x, y, x_test, y_test), val = image_task.prepare_data(paper_regime.parse_args(base))
+    x_all, y_all, _, _ = image_task.load_data("fashion_mnist", str(tmp_path))
     pick = torch.randperm(300, generator=torch.Generator().manual_seed(1234))[:100]
     assert val is None and torch.equal(x, x_all[pick]) and torch.equal(y, y_all[pick])  # the subset as before
-    (xn, yn, xn_test, yn_test), (x_val, y_val) = paper_regime.prepare_data(
+    (xn, yn, xn_test, yn_test), (x_val, y_val) = image_task.prepare_data(
         paper_regime.parse_args([*base, "--label_noise", "0.4", "--val_size", "50"]))
     assert torch.equal(xn, x) and int((yn != y).sum()) == 40 and int(yn.max()) <= 9
     assert torch.equal(xn_test, x_test) and torch.equal(yn_test, y_test)
@@ -122,7 +124,7 @@ def record(test, train=0.9, alpha=None, psi=None):
 def test_label_noise_table_paired_gaps_and_their_standard_errors():
     tests = {"base": [0.80, 0.82, 0.84], "sam": [0.81, 0.85, 0.83], "xsam": [0.83, 0.86, 0.85]}
     rho = {"base": None, "sam": 0.05, "xsam": 0.1}
-    runs = {label_noise.run_key(m, 0.2, rho[m], s): record(acc, train=0.7 + 0.01 * s, alpha=1.5 if m == "xsam"
+    runs = {noise_study.run_key(m, 0.2, rho[m], s): record(acc, train=0.7 + 0.01 * s, alpha=1.5 if m == "xsam"
                                                           else None, psi=0.3)
             for m, accs in tests.items() for s, acc in enumerate(accs)}
     rows = label_noise.summary_rows(runs, [0.2], [0, 1, 2], {0.2: {"sam": 0.05, "xsam": 0.1}})
@@ -136,9 +138,9 @@ def test_label_noise_table_paired_gaps_and_their_standard_errors():
     assert xsam["train"] == pytest.approx(0.71) and xsam["mean_alpha"] == 1.5 and sam["mean_alpha"] is None
     table = label_noise.results_table(rows, "AdamW")
     assert "| 0.2 | XSAM rho 0.1 | 3 | 0.8467 ± 0.0153 | +0.0267 ± 0.0088 | +0.0167 ± 0.0033 | 0.7100 |" in table
-    assert label_noise.paired_gap({0: 0.5}, {0: 0.4})[1] != label_noise.paired_gap({0: 0.5}, {0: 0.4})[1]  # nan
-    assert label_noise.paired_gap({0: 0.5}, {1: 0.4}) is None
-    assert label_noise.choose_rho({0.1: 0.9, 0.05: 0.9, 0.2: 0.8}) == 0.05  # a tie goes to the smaller rho
+    assert noise_study.paired_gap({0: 0.5}, {0: 0.4})[1] != noise_study.paired_gap({0: 0.5}, {0: 0.4})[1]  # nan
+    assert noise_study.paired_gap({0: 0.5}, {1: 0.4}) is None
+    assert noise_study.choose_rho({0.1: 0.9, 0.05: 0.9, 0.2: 0.8}) == 0.05  # a tie goes to the smaller rho
 
 
 def test_rho_sensitivity_flat_range_within_one_point():
@@ -155,8 +157,8 @@ def test_rho_sensitivity_flat_range_within_one_point():
 
 
 def test_rho_sensitivity_curves_average_the_seeds():
-    runs = {label_noise.run_key("sam", 0.0, 0.1, s): record(acc) for s, acc in enumerate([0.8, 0.9, 0.7])}
-    runs[label_noise.run_key("base", 0.0, None, 0)] = record(0.6)
+    runs = {noise_study.run_key("sam", 0.0, 0.1, s): record(acc) for s, acc in enumerate([0.8, 0.9, 0.7])}
+    runs[noise_study.run_key("base", 0.0, None, 0)] = record(0.6)
     points = rho_sensitivity.curves(runs, [0.1, 0.2], [0, 1, 2])
     assert set(points) == {"base", "sam"} and points["base"] == {None: (0.6, 0.0)}
     assert points["sam"][0.1] == pytest.approx((0.8, 0.1)) and 0.2 not in points["sam"]
@@ -165,18 +167,18 @@ def test_rho_sensitivity_curves_average_the_seeds():
 
 def test_a_study_split_over_processes_merges_and_another_study_is_refused(tmp_path):
     config = {"task": "fashion_mnist", "train_examples": 2000}
-    a, b = label_noise.Store(str(tmp_path / "a.json"), config), label_noise.Store(str(tmp_path / "b.json"), config)
-    a.get(label_noise.run_key("base", 0.4, None, 0), lambda: record(0.6), "a")
-    b.get(label_noise.run_key("base", 0.4, None, 0), lambda: record(0.9), "b")  # a's copy is kept
-    b.get(label_noise.run_key("sam", 0.2, 0.1, 0), lambda: record(0.7), "b")
+    a, b = noise_study.Store(str(tmp_path / "a.json"), config), noise_study.Store(str(tmp_path / "b.json"), config)
+    a.get(noise_study.run_key("base", 0.4, None, 0), lambda: record(0.6), "a")
+    b.get(noise_study.run_key("base", 0.4, None, 0), lambda: record(0.9), "b")  # a's copy is kept
+    b.get(noise_study.run_key("sam", 0.2, 0.1, 0), lambda: record(0.7), "b")
     a.merge([b.path])
-    again = label_noise.Store(a.path, config)  # merged runs are saved
+    again = noise_study.Store(a.path, config)  # merged runs are saved
     assert {k: r["test_acc"] for k, r in again.data["runs"].items()} == {"base|0.4|-|0": 0.6, "sam|0.2|0.1|0": 0.7}
-    other = label_noise.Store(str(tmp_path / "c.json"), {**config, "train_examples": 1000})
-    other.get(label_noise.run_key("base", 0.4, None, 0), lambda: record(0.5), "c")
+    other = noise_study.Store(str(tmp_path / "c.json"), {**config, "train_examples": 1000})
+    other.get(noise_study.run_key("base", 0.4, None, 0), lambda: record(0.5), "c")
     with pytest.raises(ValueError, match=r"--merge='.*c\.json' holds runs of .*'train_examples': 1000.*same study"):
         a.merge([other.path])
-    assert len(label_noise.Store(a.path, config).data["runs"]) == 2
+    assert len(noise_study.Store(a.path, config).data["runs"]) == 2
 
 
 def test_label_noise_plot_draws_test_accuracy_and_the_fit_of_the_noisy_labels(monkeypatch):
