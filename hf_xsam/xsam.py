@@ -367,10 +367,7 @@ class XSAM(Optimizer):
         self._active, self._local = [], []
         result = self.base_optimizer.step()
         if self._get("reuse"):
-            for p, kept in self._theta_0.items():
-                held = self.state[p].get(_CORRECTION)
-                if held is None or sharding.local([held])[0].data_ptr() != kept.data_ptr():
-                    self.state[p][_CORRECTION] = sharding.like(kept, p)
+            self._hold_corrections()
         self._set("step", self._get("step") + 1)
         return result
 
@@ -381,6 +378,18 @@ class XSAM(Optimizer):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         return sharding.local([p.grad for p in self._active])
+
+    def _hold_corrections(self) -> None:
+        """Put each kept correction into the optimizer state, sharded like its parameter, so that checkpoints carry
+        it; a parameter with a gradient but none kept gets zeros (no correction), so that a state laid out by one
+        step on zero gradients (as distributed checkpoints do before loading) has the entries to load into."""
+        for p in (p for group in self.param_groups for p in group["params"] if p.grad is not None):
+            kept = self._theta_0.get(p)
+            if kept is None:
+                kept = self._theta_0[p] = torch.zeros_like(sharding.local([p])[0])
+            held = self.state[p].get(_CORRECTION)
+            if held is None or sharding.local([held])[0].data_ptr() != kept.data_ptr():
+                self.state[p][_CORRECTION] = sharding.like(kept, p)
 
     def _save_theta_0(self) -> None:
         for key, p in zip(self._active, self._local):  # sharded parameters keep a sharded theta_0

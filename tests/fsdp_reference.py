@@ -12,6 +12,9 @@ CONFIGS = {
     "xsam": dict(rho=0.3, alpha=0.5, probe_every=2),
     "xsam_fast": dict(rho=0.3, probe_every=1, probe_search="fast"),
     "sam": dict(rho=0.3, alpha=1.0, probe_every=0),
+    # the checkpoint after step 2 falls between two sharpness steps: the correction must travel sharded
+    "xsam_reuse": dict(rho=0.3, alpha=0.5, probe_every=2, sharpness_every=2, reuse=True),
+    "sam_reuse": dict(rho=0.3, alpha=1.0, probe_every=0, sharpness_every=2, reuse=True),
 }
 
 

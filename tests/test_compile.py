@@ -88,12 +88,13 @@ def loop(model, compiled: bool, steps: int = 6, micro_batches: int = 1, on_step=
 
 
 # ---------------------------------------------------------------------- a plain loop on torch.compile(model)
+@pytest.mark.parametrize("settings", [{}, dict(sharpness_every=2, reuse=True)], ids=["every_step", "reuse"])
 @pytest.mark.parametrize("micro_batches", [1, 2])
-def test_batchnorm_statistics_move_at_theta_0_only_and_nothing_recompiles(micro_batches):
+def test_batchnorm_statistics_move_at_theta_0_only_and_nothing_recompiles(micro_batches, settings):
     model = mlp()
     seen = {}
     _, alphas = loop(model, compiled=True, steps=8, micro_batches=micro_batches,
-                     on_step=lambda step: seen.__setitem__(step, graphs()))
+                     on_step=lambda step: seen.__setitem__(step, graphs()), **settings)
     bn = model[1]
     assert bn.num_batches_tracked.item() == 8 * micro_batches  # one update per theta_0 pass, none per replay
     # warm-up compiles the training graph and the probe's forward-only graph in the first step; then nothing
@@ -196,11 +197,15 @@ def test_torch_compile_with_rho_zero_is_the_compiled_trainer(tmp_path):
     assert [h.get("loss") for h in plain.state.log_history] == [h.get("loss") for h in ours.state.log_history]
 
 
-@pytest.mark.parametrize(("optim", "backend"), [("xsam", "inductor"), ("sam", "aot_eager")])
-def test_torch_compile_trains_like_eager_without_recompiling(tmp_path, optim, backend, eager_random):
+@pytest.mark.parametrize(("optim", "backend", "reuse"), [("xsam", "inductor", False), ("sam", "aot_eager", False),
+                                                    ("xsam", "aot_eager", True)])
+def test_torch_compile_trains_like_eager_without_recompiling(tmp_path, optim, backend, reuse, eager_random):
     """XSAMTrainer with --torch_compile, dropout and accumulation: after the first step (warm-up: the training and
-    the probe's graphs) no step compiles anything; and the run equals the eager one (tolerance as for the loop)."""
+    the probe's graphs) no step compiles anything; and the run equals the eager one (tolerance as for the loop).
+    With reuse the steps between sharpness steps run the training graph alone."""
     settings = dict(optim=optim, xsam_rho=0.1, xsam_probe_every=2)
+    if reuse:
+        settings.update(xsam_sharpness_every=2, xsam_reuse=True)
     compiled, after_step = compiled_run(tmp_path / "compiled", backend=backend, **settings)
     assert len(after_step) == 6 and after_step[0] == after_step[-1], after_step
     eager = XSAMTrainer(model=tiny_bert(dropout=0.1), train_dataset=text_data(n=48),

@@ -45,6 +45,11 @@ CONFIGS = {
     "global_sgd_fast": dict(optim="xsam", xsam_base_optim="sgd", learning_rate=0.5, xsam_rho=0.2,
                             xsam_probe_every=1, xsam_probe_search="fast", max_steps=3,
                             per_device_train_batch_size=4, lr_scheduler_type="constant"),
+    # reuse: the steps between sharpness steps carry the correction, with no all-reduce beyond the gradient's
+    "reuse_accum_2x2": dict(optim="xsam", xsam_base_optim="sgd", learning_rate=0.5, xsam_rho=0.2,
+                            xsam_probe_every=2, xsam_sharpness_every=2, xsam_reuse=True, max_steps=5,
+                            per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                            lr_scheduler_type="constant"),
     # every beyond-the-paper option at once, with dropout and accumulation: ranks identical, angle agrees
     "global_options": dict(optim="xsam", xsam_rho=0.2, xsam_probe_every=2, xsam_sharpness_every=2,
                            xsam_probe_search="fast", xsam_probe_space="angle", xsam_probe_batches=2, max_steps=5,
@@ -76,7 +81,7 @@ def test_ranks_stay_bitwise_identical_and_agree_on_alpha(ddp_results, name):
 
 
 @pytest.mark.parametrize("name", ["global_sgd", "global_accum", "global_sgd_fast", "global_accum_2x2",
-                                  "sam_accum_2x2"])
+                                  "sam_accum_2x2", "reuse_accum_2x2"])
 def test_global_mode_equals_one_process_with_the_whole_batch(ddp_results, tmp_path, name):
     """2 processes x M micro-batches of b train like 1 process with one batch of 2*M*b."""
     config = dict(CONFIGS[name])
@@ -109,6 +114,13 @@ def test_gradient_all_reduces_per_step(ddp_results, name, per_step):
     rank0 = ddp_results[name][0]
     assert rank0["steps"] == 3
     assert rank0["gradient_all_reduces"] == per_step * rank0["steps"]
+
+
+def test_reuse_adds_no_all_reduce(ddp_results):
+    """Sharpness steps 0, 2, 4 reduce twice (theta_0, theta_1), the steps between once, as a plain step does."""
+    rank0 = ddp_results["reuse_accum_2x2"][0]
+    assert rank0["steps"] == 5
+    assert rank0["gradient_all_reduces"] == 2 * 3 + 1 * 2
 
 
 def test_local_mode_equals_m_sharpness_written_out(ddp_results):

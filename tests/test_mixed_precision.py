@@ -44,21 +44,24 @@ class ScaledXSAMTrainer(XSAMTrainer):
 
 
 class Snapshots(TrainerCallback):
-    def __init__(self, trainer_ref):
+    def __init__(self, trainer_ref, on_step=None):
         self.trainer_ref, self.params, self.scales, self.skipped = trainer_ref, [], [], []
+        self.on_step = on_step  # called with the trainer after each step
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         trainer = self.trainer_ref[0]
         self.params.append([p.detach().clone() for p in model.parameters()])
         self.scales.append(trainer.accelerator.scaler.get_scale())
         self.skipped.append(trainer.accelerator.optimizer_step_was_skipped)
+        if self.on_step is not None:
+            self.on_step(trainer)
 
 
-def run(tmp_path, overflow_at, trainer_cls=ScaledXSAMTrainer, **overrides):
+def run(tmp_path, overflow_at, trainer_cls=ScaledXSAMTrainer, on_step=None, **overrides):
     model = OverflowingClassifier(overflow_at)
     initial = [p.detach().clone() for p in model.parameters()]
     ref = []
-    snapshots = Snapshots(ref)
+    snapshots = Snapshots(ref, on_step)
     settings = dict(optim="xsam", xsam_rho=0.2, xsam_alpha=0.5, xsam_probe_every=0, xsam_base_optim="sgd",
                     learning_rate=0.5, max_steps=4, max_grad_norm=0.0)
     settings.update(overrides)

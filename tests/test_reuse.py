@@ -10,7 +10,7 @@ import torch
 from helpers import BASES, MLP, TASKS, make_closure
 from test_xsam import assert_changed, assert_states_close, train_reference, train_xsam
 
-from hf_xsam import XSAM, reuse
+from hf_xsam import XSAM, XSAMTrainer, reuse
 from hf_xsam.passes import sharpness_passes
 
 pytestmark = pytest.mark.usefixtures("seeded")
@@ -198,3 +198,105 @@ def test_rho_zero_with_reuse_is_the_base_optimizer():
 def test_bad_reuse_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         XSAM(MLP.build().parameters(), torch.optim.SGD, lr=0.1, **kwargs)
+
+
+# ---------------------------------------------------------------------- the Trainer
+REUSE = dict(optim="xsam", xsam_rho=0.2, xsam_probe_every=2, xsam_sharpness_every=2, xsam_reuse=True)
+
+
+def test_trainer_accumulation_4_x_2_trains_like_one_batch_of_8(tmp_path):
+    """The correction is split off and carried on the step's whole batch: micro-batches do not change it."""
+    from helpers import like_one_batch, text_data, tiny_bert, train
+    from test_accumulation import SGD, assert_same_run
+
+    data = text_data(n=48)
+    settings = dict(SGD, **REUSE, max_steps=5)
+    split = train(like_one_batch(tiny_bert(dropout=0.0)), tmp_path / "split", data, per_device_train_batch_size=2,
+                  gradient_accumulation_steps=4, **settings)
+    whole = train(like_one_batch(tiny_bert(dropout=0.0)), tmp_path / "whole", data, per_device_train_batch_size=8,
+                  **settings)
+    assert_same_run(split, whole)
+    plain = train(like_one_batch(tiny_bert(dropout=0.0)), tmp_path / "plain", data, per_device_train_batch_size=8,
+                  **{**settings, "xsam_reuse": False})
+    assert max_change(plain, whole) > 1e-4  # the steps in between did carry a correction
+
+
+def max_change(a, b) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_trainer_clips_the_corrected_direction_like_a_custom_loop(tmp_path):
+    """The Trainer clips what the base optimizer steps along, on the steps in between as on full steps: the same
+    run as a loop of xsam.backward, clip_grad_norm_, step."""
+    from helpers import text_data, tiny_bert, train
+    from test_accumulation import SGD
+
+    data, clip = text_data(n=48), 0.05
+    trainer = train(tiny_bert(dropout=0.0), tmp_path, data, per_device_train_batch_size=8, max_steps=5,
+                    logging_steps=1, **{**SGD, "max_grad_norm": clip}, **REUSE)
+    model = tiny_bert(dropout=0.0)
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.2, probe_every=2, sharpness_every=2, reuse=True, lr=0.5)
+    for step in range(5):
+        batch = {k: torch.stack([torch.as_tensor(row[k]) for row in data[8 * step: 8 * step + 8]]) for k in data[0]}
+
+        def closure(backward=True, batch=batch):
+            loss = model(**batch).loss
+            if backward:
+                loss.backward()
+            return loss
+
+        opt.zero_grad()
+        opt.backward(closure)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    for (name, p), q in zip(trainer.model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(norms) == 5 and min(norms) > clip  # every step was clipped
+
+
+def test_fp16_scaler_an_overflow_between_sharpness_steps_keeps_the_correction(tmp_path):
+    """Forwards: step 0 (sharpness) 0-1, step 1 (in between) 2, step 2 (sharpness) 3-4, ...; an overflow in forward
+    2 skips step 1: the correction stays bitwise, and the retried step is again one in between."""
+    from test_mixed_precision import run, same
+
+    corrections = []
+
+    def snapshot(trainer):
+        corrections.append([t.clone() for t in trainer.xsam._theta_0.values()])
+
+    trainer, _, snap = run(tmp_path, overflow_at=[2], max_steps=5, xsam_sharpness_every=2, xsam_reuse=True,
+                           on_step=snapshot)
+    assert snap.skipped == [False, True, False, False, False]
+    assert same(snap.params[1], snap.params[0])
+    assert same(corrections[1], corrections[0])  # the skipped step left the correction as it was
+    assert trainer.model.calls == 2 + 1 + 1 + 2 + 1  # the retry of step 1 took one forward, then step 2 two
+    assert trainer.xsam.step_count == 4
+    assert all(torch.isfinite(p).all() for p in snap.params[-1])
+
+
+def test_fp16_scaler_an_overflow_in_a_sharpness_step_is_retried_as_one(tmp_path):
+    """An overflow in step 2's ascent pass skips it; the retry is a sharpness step again (its correction replaces
+    whatever the skipped one left), and training goes on finite."""
+    from test_mixed_precision import run
+
+    trainer, _, snap = run(tmp_path, overflow_at=[4], max_steps=5, xsam_sharpness_every=2, xsam_reuse=True)
+    assert snap.skipped == [False, False, True, False, False]
+    assert trainer.model.calls == 2 + 1 + 2 + 2 + 1
+    assert all(torch.isfinite(t).all() for t in trainer.xsam._theta_0.values())
+    assert all(torch.isfinite(p).all() for p in snap.params[-1])
+
+
+def test_fp16_scaled_run_equals_the_unscaled_run_with_reuse(tmp_path):
+    """The correction is free of the loss scale."""
+    from helpers import make_args, text_data
+    from test_mixed_precision import OverflowingClassifier, run
+
+    settings = dict(max_steps=5, xsam_sharpness_every=2, xsam_reuse=True)
+    _, _, scaled = run(tmp_path / "a", overflow_at=[], **settings)
+    plain = OverflowingClassifier()
+    XSAMTrainer(model=plain, train_dataset=text_data(), args=make_args(
+        tmp_path / "b", optim="xsam", xsam_rho=0.2, xsam_alpha=0.5, xsam_probe_every=0, xsam_base_optim="sgd",
+        learning_rate=0.5, max_grad_norm=0.0, **settings)).train()
+    for a, b in zip(scaled.params[-1], plain.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)

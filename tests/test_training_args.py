@@ -27,8 +27,8 @@ def test_flags_parsed_from_a_command_line():
                  "--xsam_probe_batches", "4")
     assert args.optim == "xsam"
     assert args.xsam_kwargs() == dict(rho=0.1, rho_max=0.3, alpha=0.5, alpha_max=1.5, alpha_step=0.25,
-                                      ascent_steps=3, probe_every=7, sharpness_every=2, reuse=False, probe_search="fast",
-                                      probe_space="angle", norm_eps=1e-12)
+                                      ascent_steps=3, probe_every=7, sharpness_every=2, reuse=False,
+                                      probe_search="fast", probe_space="angle", norm_eps=1e-12)
     assert args.xsam_probe_batches == 4
     assert args.xsam_base_optim == "sgd"
 
