@@ -6,7 +6,9 @@
 Each configuration trains an MLP built here (2 parameter tensors per Linear layer: ~10 and ~130 tensors) with
 ``optimizer.step(closure)``; one step is counted after two warm-up steps (the base optimizer's state exists by then).
 SAM is XSAM with alpha = 1 and no probe (what ``--optim sam`` runs), XSAM holds alpha = 0.5 with no probe
-(``probe_every=0``: every step between two probes looks like this), "XSAM probe" probes on every step. The base
+(``probe_every=0``: every step between two probes looks like this), "XSAM probe" probes on every step. With
+``sharpness_every=2``: "plain_between" is a plain step between two sharpness steps, "reuse_between" the same step
+carrying the correction (``reuse``), "reuse_sharp" a sharpness step that keeps one. The base
 optimizer is AdamW with ``foreach=True`` everywhere, as on a GPU (on CPU torch would pick its per-tensor loop).
 
 What counts as an operation: every aten operation that reaches the dispatcher below autograd
@@ -48,6 +50,11 @@ CONFIGS = {
     "sam": dict(alpha=1.0, probe_every=0),
     "xsam": dict(alpha=0.5, probe_every=0),
     "xsam_probe": dict(alpha=0.5, probe_every=1),
+    # sharpness every 2 steps: a plain step in between, the same carrying the correction (reuse), and a sharpness
+    # step that keeps one; "warmup" steps first, so that the counted step is of that kind
+    "plain_between": dict(alpha=0.5, probe_every=0, sharpness_every=2, warmup=3),
+    "reuse_between": dict(alpha=0.5, probe_every=0, sharpness_every=2, reuse=True, warmup=3),
+    "reuse_sharp": dict(alpha=0.5, probe_every=0, sharpness_every=2, reuse=True, warmup=4),
 }
 # methods that read a tensor's values into Python (matched by name: the mode sees torch._C.TensorBase's methods)
 READS = {"item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"}
@@ -133,7 +140,8 @@ def build(layers: int, width: int = 16):
 def count(xsam_class, config: str, layers: int) -> dict:
     model, x, y = build(layers)
     base = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
-    settings = CONFIGS[config]
+    settings = None if CONFIGS[config] is None else dict(CONFIGS[config])
+    warmup = 2 if settings is None else settings.pop("warmup", 2)
     opt = base if settings is None else xsam_class(None, base, rho=0.05, **settings)
 
     def closure(backward=True):
@@ -146,7 +154,7 @@ def count(xsam_class, config: str, layers: int) -> dict:
 
     ops, syncs = OpCounter(), SyncCounter()
     with syncs:
-        for _ in range(2):
+        for _ in range(warmup):
             opt.step(closure)
         syncs.counting = True
         with ops:

@@ -55,6 +55,26 @@ def test_no_host_sync_without_a_probe_and_two_with_one(counts):
         assert counts["xsam_probe", n]["syncs"] == 2  # the plane's geometry, then all the probe's losses at once
 
 
+def test_reuse_costs_a_fixed_number_of_operations_and_no_host_sync(counts):
+    """A step between sharpness steps carrying the correction is the plain step plus one norm and three
+    multi-tensor operations (a handful of ops in all); a sharpness step that keeps it is XSAM's plus a fixed number;
+    neither grows with the tensors or syncs."""
+    between = {n: counts["reuse_between", n]["ops"] - counts["plain_between", n]["ops"] for n in (10, 130)}
+    sharp = {n: counts["reuse_sharp", n]["ops"] - counts["xsam", n]["ops"] for n in (10, 130)}
+    assert all(0 < ops <= 12 for ops in between.values()), between
+    assert all(0 < ops <= 40 for ops in sharp.values()), sharp
+    assert between[10] == between[130] and sharp[10] == sharp[130], (between, sharp)
+    # the plain step in between is the base step (one pass fewer than SAM): reuse keeps it that way
+    assert counts["plain_between", 130]["ops"] - counts["adamw", 130]["ops"] == between_overhead(counts, 130)
+    for n in (10, 130):
+        assert [counts[config, n]["syncs"] for config in ("plain_between", "reuse_between", "reuse_sharp")] == [0] * 3
+
+
+def between_overhead(counts, n) -> int:
+    """What XSAM's wrapping adds to a plain base step (the step counter): the same at either size."""
+    return counts["plain_between", 10]["ops"] - counts["adamw", 10]["ops"]
+
+
 class NewTensors(TorchDispatchMode):
     """Records the shape of every tensor an operation allocates (outputs that are not one of its inputs)."""
 
@@ -73,12 +93,13 @@ class NewTensors(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("alpha", [0.5, 2.0])
+@pytest.mark.parametrize(("alpha", "reuse"), [(0.5, False), (2.0, False), (0.5, True), (1.0, True), (2.0, True)])
 @pytest.mark.parametrize("foreach", [True, False])
-def test_a_step_without_a_probe_allocates_no_parameter_sized_temporary(alpha, foreach):
+def test_a_step_without_a_probe_allocates_no_parameter_sized_temporary(alpha, foreach, reuse):
     model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(5)])  # 10 tensors, the smallest of 32 elements
     x = torch.randn(4, 32)
-    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.05, alpha=alpha, probe_every=0, foreach=foreach, lr=0.1)
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.05, alpha=alpha, probe_every=0, foreach=foreach, lr=0.1,
+               sharpness_every=2 if reuse else 1, reuse=reuse)
     model(x).square().mean().backward()
     opt.ascent_step()
     opt.zero_grad()
@@ -90,6 +111,15 @@ def test_a_step_without_a_probe_allocates_no_parameter_sized_temporary(alpha, fo
     # a few scalars per tensor (the per-tensor norms, stacked), nothing the size of a parameter
     largest = max(math.prod(shape) for _, shape in recorder.shapes)
     assert largest <= 2 * 10 < min(p.numel() for p in model.parameters()), recorder.shapes
+    if reuse:  # and the step in between, carrying the correction
+        opt.step()
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        assert opt.correction_due
+        recorder = NewTensors()
+        with recorder:
+            opt.apply_correction()
+        assert max(math.prod(shape) for _, shape in recorder.shapes) <= 2 * 10, recorder.shapes
 
 
 def plane_at_angle(psi: float, seed: int, foreach: bool):
