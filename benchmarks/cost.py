@@ -3,6 +3,8 @@
     python benchmarks/cost.py --model minilm --rounds 5 --steps 4          # CPU, real MiniLM weights
     python benchmarks/cost.py --model vit --rounds 5 --steps 4
     python benchmarks/cost.py --model minilm --device cuda --bf16           # GPU recipe (see benchmarks/gpu.sh)
+    python benchmarks/cost.py --model cnn --probe_every 40 --configs adamw sam xsam xsam_every_step \
+        xsam_sharpness_every_4 xsam_sharpness_every_4_reuse ...            # the label-noise CNN, probe per epoch
 
 Each configuration gets its own XSAMTrainer driven step by step through `training_step` + `optimizer.step`
 (what Trainer's loop runs per step), timed by `harness.interleave` (torch.utils.benchmark.Timer, rounds that
@@ -11,6 +13,11 @@ that probes at an interval is timed between probes (its timed copy probes on the
 `--xsam_sharpness_every N` over whole periods of N steps (one sharpness-aware step and N - 1 plain ones), and the
 probe's extra time is measured on the configurations that probe every step; a configuration's cost is then, at
 probe interval M, (sharp + (N - 1) plain) / N + (probe - sharp) / M.
+
+``--model cnn`` is benchmarks/image_task.py's CNN (width 24) on a batch of 50 Fashion-MNIST-sized images, the model
+of the label-noise studies (its base optimizer there is SGD; here, as for the others, the Trainer's). ``--configs``
+picks configurations (``xsam_every_step`` is needed for the probe's share); ``--probe_every M`` sets the interval
+of the configurations that probe at one (default: the Trainer's, 200).
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated per configuration in this process; on CPU, the peak
 resident set size of a fresh subprocess per configuration (`--memory`), which includes the interpreter and
@@ -38,10 +45,13 @@ CONFIGS = {
     "xsam_every_step": dict(optim="xsam", xsam_probe_every=1),
     "xsam_fast": dict(optim="xsam", xsam_probe_every=DEFAULT_INTERVAL, xsam_probe_search="fast"),
     "xsam_fast_every_step": dict(optim="xsam", xsam_probe_every=1, xsam_probe_search="fast"),
-    "xsam_sharpness_every_2": dict(optim="xsam", xsam_probe_every=DEFAULT_INTERVAL, xsam_sharpness_every=2),
-    "xsam_sharpness_every_5": dict(optim="xsam", xsam_probe_every=DEFAULT_INTERVAL, xsam_sharpness_every=5),
+    # a sharpness-aware step every N steps, plain or carrying the last correction (reuse) in between
+    **{f"xsam_sharpness_every_{n}{'_reuse' if reuse else ''}": dict(
+        optim="xsam", xsam_probe_every=DEFAULT_INTERVAL, xsam_sharpness_every=n, xsam_reuse=reuse)
+       for n in (2, 4, 5, 8) for reuse in (False, True) if not (reuse and n == 5)},
+    "sam_sharpness_every_4_reuse": dict(optim="sam", xsam_sharpness_every=4, xsam_reuse=True),  # LookSAM
 }
-MEMORY_CONFIGS = ("adamw", "sam", "xsam", "xsam_every_step")
+MEMORY_CONFIGS = ("adamw", "sam", "xsam", "xsam_every_step", "xsam_sharpness_every_4_reuse")
 NEVER = 10**9  # the probe interval of a timed copy of a configuration that probes every M > 1 steps
 
 
@@ -58,6 +68,13 @@ def build(model_name: str, batch_size: int, seq_len: int, device: str):
         batch = {"input_ids": torch.randint(1000, vocab, (batch_size, seq_len), generator=g),
                  "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
                  "labels": torch.randint(0, 3, (batch_size,), generator=g)}
+    elif model_name == "cnn":
+        from image_task import SmallCNN
+
+        torch.manual_seed(0)
+        model = _WithLoss(SmallCNN(1, 10, 24))
+        batch = {"pixel_values": torch.randn(batch_size, 1, 28, 28, generator=g),
+                 "labels": torch.randint(0, 10, (batch_size,), generator=g)}
     else:
         from transformers import ViTConfig, ViTForImageClassification
 
@@ -70,9 +87,21 @@ def build(model_name: str, batch_size: int, seq_len: int, device: str):
     return model.to(device), {k: v.to(device) for k, v in batch.items()}
 
 
+class _WithLoss(torch.nn.Module):
+    """A plain classifier as the Trainer takes it: pixel_values and labels in, the cross-entropy loss out."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values, labels):
+        logits = self.net(pixel_values)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
 def make_trainer(name: str, model, args, between_probes: bool = False) -> XSAMTrainer:
     """The configuration's trainer; ``between_probes``: an interval prober probes on its first step only."""
-    settings = dict(CONFIGS[name])
+    settings = interval_settings(name, args)
     if between_probes and settings.get("xsam_probe_every", 1) > 1:
         settings["xsam_probe_every"] = NEVER
     training_args = XSAMTrainingArguments(
@@ -82,6 +111,14 @@ def make_trainer(name: str, model, args, between_probes: bool = False) -> XSAMTr
     trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
     trainer.current_gradient_accumulation_steps = 1
     return trainer
+
+
+def interval_settings(name: str, args) -> dict:
+    """The configuration's flags, with ``--probe_every`` for those that probe at an interval."""
+    settings = dict(CONFIGS[name])
+    if settings.get("xsam_probe_every", 1) > 1:
+        settings["xsam_probe_every"] = args.probe_every
+    return settings
 
 
 def one_step(trainer: XSAMTrainer, batch) -> None:
@@ -94,7 +131,8 @@ def one_step(trainer: XSAMTrainer, batch) -> None:
 def measure_times(args) -> dict:
     """Each configuration's Measurement of seconds per period (N steps at sharpness interval N, else one step)."""
     fns, number = {}, {}
-    for name, settings in CONFIGS.items():
+    for name in args.configs:
+        settings = CONFIGS[name]
         model, batch = build(args.model, args.batch_size, args.seq_len, args.device)
         trainer = make_trainer(name, model, args, between_probes=True)
         one_step(trainer, batch)  # warm-up (xsam: its step-0 probe)
@@ -104,18 +142,33 @@ def measure_times(args) -> dict:
     return harness.interleave(fns, args.rounds, number)
 
 
-def per_step_costs(measured: dict) -> tuple[dict[str, float], dict[str, float]]:
+def per_step_costs(measured: dict, probe_every: int) -> tuple[dict[str, float], dict[str, float]]:
     """Each configuration's seconds per optimizer step at its intervals, and the probe's extra seconds per
-    search (over a sharpness-aware step), from the medians."""
-    med = {name: measured[name].median / settings.get("xsam_sharpness_every", 1)
-           for name, settings in CONFIGS.items()}
-    probe_extra = {"grid": med["xsam_every_step"] - med["xsam"], "fast": med["xsam_fast_every_step"] - med["xsam"]}
+    search (over a sharpness-aware step), from the medians (a search whose every-step configuration was not
+    measured counts as free: say so by measuring it)."""
+    med = {name: measured[name].median / CONFIGS[name].get("xsam_sharpness_every", 1) for name in measured}
+    probe_extra = {search: med[every] - med["xsam"] for search, every in
+                   (("grid", "xsam_every_step"), ("fast", "xsam_fast_every_step")) if every in med and "xsam" in med}
     cost = {}
-    for name, settings in CONFIGS.items():
+    for name in med:
+        settings = CONFIGS[name]
         cost[name] = med[name]
         if settings["optim"] == "xsam" and settings["xsam_probe_every"] > 1:
-            cost[name] += probe_extra[settings.get("xsam_probe_search", "grid")] / settings["xsam_probe_every"]
+            cost[name] += probe_extra.get(settings.get("xsam_probe_search", "grid"), 0.0) / probe_every
     return cost, probe_extra
+
+
+def cheap_ratios(med: dict[str, float]) -> dict[str, float]:
+    """Cost per step over the base optimizer's, keyed by benchmarks/noise_study.py's method names (xsam_n4_reuse,
+    ...), so that a study of accuracy can place each method at its cost."""
+    ratios = {"base": 1.0}
+    for name, seconds in med.items():
+        if name in ("sam", "xsam"):
+            ratios[name] = seconds / med["adamw"]
+        elif name.startswith(("xsam_sharpness_every_", "sam_sharpness_every_")):
+            family, _, rest = name.partition("_sharpness_every_")
+            ratios[f"{family}_n{rest}"] = seconds / med["adamw"]
+    return ratios
 
 
 def peak_memory_mb(args, name: str) -> float:
@@ -128,7 +181,7 @@ def peak_memory_mb(args, name: str) -> float:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
     cmd = [sys.executable, __file__, "--model", args.model, "--batch_size", str(args.batch_size),
-           "--seq_len", str(args.seq_len), "--_memory_child", name]
+           "--seq_len", str(args.seq_len), "--probe_every", str(args.probe_every), "--_memory_child", name]
     return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
@@ -142,26 +195,33 @@ def memory_child(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    harness.add_model_flags(parser, rounds=5, steps=4)
+    harness.add_model_flags(parser, rounds=5, steps=4, models=("minilm", "vit", "cnn"))
     parser.add_argument("--memory", action="store_true", help="also measure peak memory")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="the configurations to time (default: all)")
+    parser.add_argument("--probe_every", type=int, default=DEFAULT_INTERVAL,
+                        help="the probe interval of the configurations that probe at one")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--_memory_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_child:
         args.device, args.bf16 = "cpu", False
         return memory_child(args)
-    harness.require_positive(args, "rounds", "steps")
+    harness.require_positive(args, "rounds", "steps", "probe_every")
+    if not {"adamw", "sam"} <= set(args.configs):
+        raise ValueError(f"--configs={args.configs} is invalid: the ratios need adamw and sam")
     torch.manual_seed(0)
 
     measured = measure_times(args)
-    med, probe_extra = per_step_costs(measured)
-    memory = {name: peak_memory_mb(args, name) for name in MEMORY_CONFIGS} if args.memory else {}
+    med, probe_extra = per_step_costs(measured, args.probe_every)
+    memory = ({name: peak_memory_mb(args, name) for name in MEMORY_CONFIGS if name in args.configs}
+              if args.memory else {})
 
     print(f"model={args.model} device={args.device} bf16={args.bf16} batch={args.batch_size} "
-          f"seq={args.seq_len} rounds={args.rounds}x{args.steps} probe interval (default)={DEFAULT_INTERVAL}")
-    columns = [("config", 22, ""), ("s/step", 9, ".3f"), ("vs adamw", 10, ".3f"), ("vs sam", 8, ".3f")]
+          f"seq={args.seq_len} rounds={args.rounds}x{args.steps} probe interval={args.probe_every}")
+    columns = [("config", 30, ""), ("s/step", 9, ".3f"), ("vs adamw", 10, ".3f"), ("vs sam", 8, ".3f")]
     columns += [("peak MB", 10, ".0f")] if memory else []
-    rows = [[name, med[name], med[name] / med["adamw"], med[name] / med["sam"]] for name in CONFIGS]
+    rows = [[name, med[name], med[name] / med["adamw"], med[name] / med["sam"]] for name in args.configs]
     for row in rows:
         if row[0] in memory:
             row.append(memory[row[0]])
@@ -171,6 +231,7 @@ def main() -> None:
               f"xsam/sam at probe interval M = 1 + {extra / med['sam']:.2f}/M")
     if args.json:
         harness.write_json(args.json, {"args": vars(args), "median_s": med, "probe_extra_s": probe_extra,
+                                       "ratios_to_base": cheap_ratios(med),
                                        "peak_mb": memory, "raw": {k: m.times for k, m in measured.items()}})
 
 

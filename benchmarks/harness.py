@@ -51,9 +51,10 @@ def require_positive(args, *names: str) -> None:
             raise ValueError(f"--{name}={getattr(args, name)} is invalid: must be >= 1")
 
 
-def add_model_flags(parser, rounds: int, steps: int) -> None:
-    """The flags of the step-cost scripts: which model, where, its batch shape, and the timing's rounds x steps."""
-    parser.add_argument("--model", choices=["minilm", "vit"], default="minilm")
+def add_model_flags(parser, rounds: int, steps: int, models: Sequence[str] = ("minilm", "vit")) -> None:
+    """The flags of the step-cost scripts: which model (of ``models``), where, its batch shape, and the timing's
+    rounds x steps."""
+    parser.add_argument("--model", choices=list(models), default="minilm")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--batch_size", type=int, default=16)
