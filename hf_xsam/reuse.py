@@ -21,7 +21,12 @@ from __future__ import annotations
 
 import torch
 
+from hf_xsam import sharding
 from hf_xsam.geometry import global_norm
+
+# With reuse the theta_0 buffer holds the correction between steps, and the optimizer state holds that buffer under
+# this key, so that state_dict() and distributed checkpoints carry it.
+STATE_KEY = "xsam_correction"
 
 # integer dtypes of each element size: the exchange of `swap` adds bit patterns
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -108,3 +113,31 @@ def correct(grads, carried_grads, carried, eps: float, foreach: bool, groups: tu
     _mul(grads, 1.0 / (norm + eps), foreach)
     _add(carried_grads, carried, foreach)
     _mul(grads, norm, foreach)
+
+
+def correct_step(params, buffers: dict, eps: float, foreach: bool) -> None:
+    """`correct` on the parameters with a gradient (``params``); those with a kept correction in ``buffers``
+    (parameter -> its local c') take it. Sharded parameters are worked on shard by shard."""
+    kept = [p for p in params if p in buffers]
+    correct(sharding.local([p.grad for p in params]), sharding.local([p.grad for p in kept]),
+            [buffers[p] for p in kept], eps, foreach, sharding.shard_groups(params))
+
+
+def hold(params, buffers: dict, state: dict, key: str = STATE_KEY) -> None:
+    """Put each parameter's kept correction into its optimizer state, laid out like the parameter (a DTensor for
+    a sharded one), so that checkpoints carry it. Called after the base optimizer's step: before its first one the
+    state must stay empty (optimizers initialise a state they find empty). A parameter with a gradient but none kept
+    gets zeros (no correction), so that a state laid out by one step on zero gradients, as distributed checkpoints
+    lay it out before loading, has the entries to load into."""
+    for p in params:
+        kept = buffers.get(p)
+        if kept is None:
+            kept = buffers[p] = torch.zeros_like(sharding.local([p])[0])
+        held = state[p].get(key)
+        if held is None or sharding.local([held])[0].data_ptr() != kept.data_ptr():
+            state[p][key] = sharding.like(kept, p)
+
+
+def held(state: dict, key: str = STATE_KEY) -> dict:
+    """parameter -> the local tensor of its correction, for those whose state holds one (after a checkpoint)."""
+    return {p: sharding.local([s[key]])[0] for p, s in state.items() if key in s}

@@ -27,9 +27,6 @@ from hf_xsam.types import DirectionInfo, MicroBatch, PassesInfo
 # the probe moves it.
 _COUNTERS = ("angle", "step")
 _KEYS = tuple(PREFIX + name for name in OPTIMIZER_SETTINGS + _COUNTERS)
-# With reuse the theta_0 buffer holds the correction between steps: optimizer state under this key (set after the
-# base optimizer's first step, which initialises state it finds empty), so checkpoints carry it.
-_CORRECTION = PREFIX + "correction"
 
 
 class XSAM(Optimizer):
@@ -212,8 +209,7 @@ class XSAM(Optimizer):
         for group in self.param_groups:  # a plain base-optimizer state_dict has no XSAM keys: keep ours
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        self._theta_0.update({p: sharding.local([s[_CORRECTION]])[0]  # the correction a checkpoint carried
-                              for p, s in self.state.items() if _CORRECTION in s})
+        self._theta_0.update(reuse.held(self.state))  # the corrections a checkpoint carried
         self._active, self._local, self._window = [], [], []
 
     # ------------------------------------------------------------------ the pieces of a step
@@ -228,18 +224,16 @@ class XSAM(Optimizer):
         rho, k, eps = self._get("rho"), self._get("ascent_steps"), self._get("norm_eps")
         if rho == 0:
             return
-        first = False
         if not self._active:
-            self._active = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            self._active = self._with_grads()
             if not self._active:
                 raise RuntimeError("XSAM.ascent_step() found no gradients: run backward() at theta_0 first")
             self._groups = sharding.shard_groups(self._active)
             self._local = sharding.local(self._active)  # views: writing to them writes the parameters
             self._save_theta_0()
-            first = True
         grads = self._local_grads()
         norm = geometry.global_norm(grads, self.foreach, self._groups)
-        if first:
+        if self._norm_g0 is None:  # the step's first ascent: ||g_0||
             self._norm_g0 = norm
         scale = (rho / k) / (norm + eps)
         geometry.ascend(self._local, grads, scale, self.foreach)
@@ -295,11 +289,7 @@ class XSAM(Optimizer):
     def apply_correction(self) -> None:
         """On a step where ``correction_due``, with the step's gradient g in ``.grad``: .grad = g + ||g|| c', with
         c' the correction the last sharpness step kept (`hf_xsam.reuse.correct`)."""
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        kept = [p for p in params if p in self._theta_0]
-        reuse.correct(sharding.local([p.grad for p in params]), sharding.local([p.grad for p in kept]),
-                      [self._theta_0[p] for p in kept], self._get("norm_eps"), self.foreach,
-                      sharding.shard_groups(params))
+        reuse.correct_step(self._with_grads(), self._theta_0, self._get("norm_eps"), self.foreach)
 
     @torch.no_grad()
     def step(self, closure: Callable[..., torch.Tensor] | None = None):
@@ -367,7 +357,7 @@ class XSAM(Optimizer):
         self._active, self._local = [], []
         result = self.base_optimizer.step()
         if self._get("reuse"):
-            self._hold_corrections()
+            reuse.hold(self._with_grads(), self._theta_0, self.state, reuse.STATE_KEY)
         self._set("step", self._get("step") + 1)
         return result
 
@@ -379,17 +369,8 @@ class XSAM(Optimizer):
                 p.grad = torch.zeros_like(p)
         return sharding.local([p.grad for p in self._active])
 
-    def _hold_corrections(self) -> None:
-        """Put each kept correction into the optimizer state, sharded like its parameter, so that checkpoints carry
-        it; a parameter with a gradient but none kept gets zeros (no correction), so that a state laid out by one
-        step on zero gradients (as distributed checkpoints do before loading) has the entries to load into."""
-        for p in (p for group in self.param_groups for p in group["params"] if p.grad is not None):
-            kept = self._theta_0.get(p)
-            if kept is None:
-                kept = self._theta_0[p] = torch.zeros_like(sharding.local([p])[0])
-            held = self.state[p].get(_CORRECTION)
-            if held is None or sharding.local([held])[0].data_ptr() != kept.data_ptr():
-                self.state[p][_CORRECTION] = sharding.like(kept, p)
+    def _with_grads(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
 
     def _save_theta_0(self) -> None:
         for key, p in zip(self._active, self._local):  # sharded parameters keep a sharded theta_0
