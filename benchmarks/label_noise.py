@@ -60,6 +60,7 @@ from noise_study import (
     method_name,
     number_text,
     paired_gap,
+    parse_method,
     run_key,
 )
 
@@ -72,28 +73,31 @@ DEFAULTS = {  # per task: rho grid, training examples, epochs
 
 
 def summary_rows(runs: dict[str, dict], noise_levels: list[float], seeds: list[int],
-                 chosen: dict[float, dict[str, float]]) -> list[dict]:
-    """One row per noise level and method with runs on ``seeds``: accuracies over the seeds, the paired gaps."""
+                 chosen: dict[float, dict[str, float]], methods=METHODS) -> list[dict]:
+    """One row per noise level and method with runs on ``seeds``: accuracies over the seeds, the paired gaps (a
+    cheap mode, e.g. xsam_n4_reuse, runs at its family's rho and is also compared with full XSAM)."""
     rows = []
     for noise in noise_levels:
         rho = {"base": None, **chosen.get(noise, {})}
         test = {}
-        for method in METHODS:
-            if method != "base" and method not in rho:
+        for method in methods:
+            family, every, _ = parse_method(method)
+            if family not in rho:
                 continue
-            mine = {s: runs[k] for s in seeds if (k := run_key(method, noise, rho[method], s)) in runs}
+            mine = {s: runs[k] for s in seeds if (k := run_key(method, noise, rho[family], s)) in runs}
             if not mine:
                 continue
             test[method] = {s: r["test_acc"] for s, r in mine.items()}
             alphas = [r["mean_alpha"] for r in mine.values() if r["mean_alpha"] is not None]
             psis = [r["mean_psi"] for r in mine.values() if r["mean_psi"] is not None]
             rows.append(dict(
-                noise=noise, method=method, rho=rho[method], seeds=len(mine),
+                noise=noise, method=method, rho=rho[family], seeds=len(mine),
                 test=mean_sd(list(test[method].values())),
                 val=statistics.fmean(r["val_acc"] for r in mine.values()),
                 train=statistics.fmean(r["train_acc"] for r in mine.values()),
                 vs_base=paired_gap(test[method], test["base"]) if method != "base" and "base" in test else None,
-                vs_sam=paired_gap(test[method], test["sam"]) if method == "xsam" and "sam" in test else None,
+                vs_sam=paired_gap(test[method], test["sam"]) if family == "xsam" and "sam" in test else None,
+                vs_xsam=paired_gap(test[method], test["xsam"]) if every > 1 and "xsam" in test else None,
                 mean_alpha=statistics.fmean(alphas) if alphas else None,
                 mean_psi=statistics.fmean(psis) if psis else None,
                 seconds=statistics.median(r["seconds"] for r in mine.values())))
@@ -110,6 +114,10 @@ def results_table(rows: list[dict], base: str) -> str:
               f"{r['train']:.4f}", f"{r['val']:.4f}", number_text(r["mean_alpha"], ".2f"),
               number_text(r["mean_psi"], ".3f"), f"{r['seconds']:.0f}"]
              for r in rows]
+    if any(r.get("vs_xsam") for r in rows):  # a cheap mode was run: its gap to full XSAM
+        header.insert(6, "gap to XSAM (paired ± SE)")
+        for row, r in zip(cells, rows):
+            row.insert(6, gap_text(r.get("vs_xsam")))
     return harness.markdown_table(header, cells)
 
 
@@ -133,10 +141,9 @@ def plot(rows: list[dict], path: str, title: str, base: str) -> None:
     """Test accuracy (mean +- sd) and the accuracy on the noisy training labels against the noise level, one line
     per method; the fraction of clean training labels (1 - noise) as a dashed line: a method above it memorises."""
     fig, (test_ax, train_ax) = harness.pyplot().subplots(1, 2, figsize=(10, 4.2))
-    for method, marker in (("base", "^"), ("sam", "o"), ("xsam", "s")):
+    for method in dict.fromkeys(r["method"] for r in rows):  # in the order run
+        marker = {"base": "^", "sam": "o", "xsam": "s"}[parse_method(method)[0]]
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["noise"])
-        if not mine:
-            continue
         noise = [r["noise"] for r in mine]
         label = method_name(method, base)
         test_ax.errorbar(noise, [r["test"][0] for r in mine], yerr=[r["test"][1] for r in mine], marker=marker,
@@ -163,6 +170,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rhos", type=float, nargs="+", default=None,
                         help="rho grid for SAM and XSAM (default: 0.02 0.05 0.1 text, 0.05 0.1 0.2 fashion_mnist)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        help="base, sam, xsam, or a cheap mode: <sam|xsam>_n<N>[_reuse], e.g. xsam_n4_reuse "
+                             "(--xsam_sharpness_every 4 --xsam_reuse), at its family's rho")
     parser.add_argument("--train_examples", type=int, default=None, help="training subset (default: 2000)")
     parser.add_argument("--num_train_epochs", type=int, default=None,
                         help="epochs (default: 5 text, 100 fashion_mnist)")
@@ -183,7 +193,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     harness.require_positive(args, "train_examples", "num_train_epochs", "val_examples", "threads")
-    check_distinct(args, "noise_levels", "rhos", "seeds")
+    check_distinct(args, "noise_levels", "rhos", "seeds", "methods")
+    for method in args.methods:
+        parse_method(method)
     check_rhos(args.rhos)
     check_label_noise = harness.example("_common").check_label_noise
     for noise in args.noise_levels:
@@ -215,11 +227,12 @@ def study_noise_level(args, store: Store, noise: float) -> dict[str, float]:
         return store.get(run_key(method, noise, rho, seed), lambda: runner(method, rho, seed),
                          f"noise {noise:g} {method_name(method, BASE[args.task], rho)} seed {seed}")
 
+    families = {parse_method(m)[0] for m in args.methods}
     chosen = {m: choose_rho({rho: run(m, rho, args.seeds[0])["val_acc"] for rho in args.rhos})
-              for m in ("sam", "xsam")}
+              for m in ("sam", "xsam") if m in families}
     for seed in args.seeds:
-        for method in METHODS:
-            run(method, chosen.get(method), seed)
+        for method in args.methods:
+            run(method, chosen.get(parse_method(method)[0]), seed)
     return chosen
 
 
@@ -233,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs, first, base = store.data["runs"], args.seeds[0], BASE[args.task]
     chosen = {noise: study_noise_level(args, store, noise) for noise in args.noise_levels}
     print(rho_table(runs, args.noise_levels, args.rhos, first, chosen))
-    rows = summary_rows(runs, args.noise_levels, args.seeds, chosen)
+    rows = summary_rows(runs, args.noise_levels, args.seeds, chosen, args.methods)
     print(f"test accuracy over seeds {', '.join(map(str, args.seeds))} (validation and test labels clean)")
     print(results_table(rows, base))
     path = args.plot or os.path.splitext(args.json)[0] + ".png"

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _common  # noqa: E402
+import cheap_sharpness  # noqa: E402
 import image_classification  # noqa: E402
 import image_task  # noqa: E402
 import label_noise  # noqa: E402
@@ -194,3 +195,59 @@ def test_label_noise_plot_draws_test_accuracy_and_the_fit_of_the_noisy_labels(mo
     assert [(bars.get_label(), list(bars.lines[0].get_ydata())) for bars in test_ax.containers] == [
         ("SGD", [0.85, 0.63]), ("XSAM", [0.86, 0.80])]
     assert [list(line.get_ydata()) for line in train_ax.get_lines()] == [[0.99, 0.98], [0.95, 0.59], [1.0, 0.6]]
+
+
+@pytest.mark.parametrize(("method", "parsed", "name"), [
+    ("base", ("base", 1, False), "SGD"), ("xsam", ("xsam", 1, False), "XSAM"),
+    ("xsam_n4", ("xsam", 4, False), "XSAM N=4"), ("sam_n4_reuse", ("sam", 4, True), "SAM N=4 reuse"),
+    ("xsam_n12_reuse", ("xsam", 12, True), "XSAM N=12 reuse"),
+])
+def test_methods_and_their_names(method, parsed, name):
+    assert noise_study.parse_method(method) == parsed
+    assert noise_study.method_name(method, "SGD") == name
+    assert noise_study.method_name(method, "SGD", 0.1) == f"{name} rho 0.1"
+
+
+@pytest.mark.parametrize("method", ["xsam_n1", "xsam_n0_reuse", "adamw", "xsam_reuse", "sam_n4reuse"])
+def test_bad_methods_are_refused(method):
+    with pytest.raises(ValueError, match=rf"method='{method}' is invalid: must be base, sam, xsam, or "
+                                         r"<sam\|xsam>_n<N>\[_reuse\] with N >= 2"):
+        noise_study.parse_method(method)
+    with pytest.raises(ValueError, match=rf"method='{method}' is invalid"):
+        label_noise.parse_args(["--task", "text", "--methods", "base", method, "--json", "x.json"])
+
+
+def cheap_runs():
+    """Test accuracies per method and seed at 40% noise: SGD, XSAM, a cheap mode keeping most of the gain."""
+    tests = {"base": [0.60, 0.62, 0.64], "xsam": [0.80, 0.80, 0.82], "xsam_n4_reuse": [0.79, 0.78, 0.81],
+             "xsam_n4": [0.70, 0.69, 0.73]}
+    rho = {"base": None, "xsam": 0.1, "xsam_n4_reuse": 0.1, "xsam_n4": 0.1}
+    return {noise_study.run_key(m, 0.4, rho[m], s): dict(record(acc), steps=100, seconds=10.0 * (1 + (m != "base")))
+            for m, accs in tests.items() for s, acc in enumerate(accs)}
+
+
+def test_label_noise_rows_of_a_cheap_mode_take_its_familys_rho_and_compare_with_xsam():
+    methods = ["base", "xsam", "xsam_n4_reuse"]
+    rows = label_noise.summary_rows(cheap_runs(), [0.4], [0, 1, 2], {0.4: {"xsam": 0.1}}, methods)
+    assert [(r["method"], r["rho"]) for r in rows] == [("base", None), ("xsam", 0.1), ("xsam_n4_reuse", 0.1)]
+    assert rows[2]["vs_xsam"] == pytest.approx((-0.0133333, 0.0033333, 3), abs=1e-7)  # -.01 -.02 -.01
+    assert rows[1]["vs_xsam"] is None
+    table = label_noise.results_table(rows, "SGD")
+    assert "gap to XSAM (paired ± SE)" in table and "| XSAM N=4 reuse rho 0.1 | 3 |" in table
+
+
+def test_cheap_sharpness_share_of_xsams_gain_kept():
+    rows = cheap_sharpness.summary_rows(cheap_runs(), [0.4], [0, 1, 2], ["base", "xsam", "xsam_n4_reuse", "xsam_n4"],
+                                        {0.4: {"xsam": 0.1}}, {"xsam_n4_reuse": 1.2})
+    kept = {r["method"]: r["kept"] for r in rows}
+    # XSAM - SGD: .20 .18 .18 (mean .18667); reuse - SGD: .19 .16 .17 (.17333); plain N=4: .10 .07 .09 (.08667)
+    assert kept["xsam_n4_reuse"] == pytest.approx(0.17333 / 0.18667, abs=1e-4)
+    assert kept["xsam_n4"] == pytest.approx(0.08667 / 0.18667, abs=1e-4)
+    assert kept["base"] is None and kept["xsam"] == pytest.approx(1.0)
+    assert [r["cost"] for r in rows] == [None, None, 1.2, None]
+    assert rows[1]["step_s"] == pytest.approx(0.2)
+    assert cheap_sharpness.kept_overall(rows) == pytest.approx(
+        {"xsam": 1.0, "xsam_n4_reuse": 0.17333 / 0.18667, "xsam_n4": 0.08667 / 0.18667}, abs=1e-4)
+    table = cheap_sharpness.results_table(rows)
+    assert "| 0.4 | XSAM N=4 reuse | 0.1 | 3 | 0.7933 ± 0.0153 | 0.900 | +17.3 ± 0.9 pt | -1.3 ± 0.3 pt | 93% |" \
+        in table
