@@ -300,3 +300,38 @@ def test_fp16_scaled_run_equals_the_unscaled_run_with_reuse(tmp_path):
         learning_rate=0.5, max_grad_norm=0.0, **settings)).train()
     for a, b in zip(scaled.params[-1], plain.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_weights_train_with_reuse():
+    from helpers import build_mlp, mlp_loss
+
+    model = build_mlp(dtype=torch.bfloat16)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=0.5, alpha=0.5, probe_every=2, sharpness_every=3,
+               reuse=True, lr=0.05, momentum=0.9)
+    losses = [opt.step(make_closure(model, mlp_loss, batch)).item() for batch in MLP.batches(8)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.isfinite(p).all() and p.dtype == torch.bfloat16 for p in model.parameters())
+    kept = list(opt._theta_0.values())
+    assert all(b.dtype == torch.bfloat16 and torch.isfinite(b).all() for b in kept)
+    assert sum(b.float().norm() ** 2 for b in kept) > 1e-4  # a correction is carried
+    assert_changed(model, initial)
+
+
+def test_trainer_resumes_bitwise_from_a_checkpoint_between_sharpness_steps(tmp_path):
+    """checkpoint-3 falls after sharpness step 2 and before 4: resume_from_checkpoint brings the correction back
+    with optimizer.pt, and steps 3-5 equal the uninterrupted run's bitwise."""
+    from helpers import params_of, text_data, tiny_bert, train
+
+    settings = dict(REUSE, xsam_base_optim="sgd", learning_rate=0.5, train_sampling_strategy="sequential",
+                    per_device_train_batch_size=8, max_steps=6)
+    whole = train(tiny_bert(dropout=0.1), tmp_path / "whole", text_data(n=48), **settings)
+    first = train(tiny_bert(dropout=0.1), tmp_path / "split", text_data(n=48), save_strategy="steps", save_steps=3,
+                  **settings)
+    saved = torch.load(tmp_path / "split" / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    assert all("xsam_correction" in s for s in saved["state"].values())
+    resumed = XSAMTrainer(model=tiny_bert(dropout=0.1), train_dataset=text_data(n=48), args=first.args)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-3"))
+    assert resumed.xsam.step_count == 6
+    a, b = params_of(whole.model), params_of(resumed.model)
+    assert all(torch.equal(a[n], b[n]) for n in a)
