@@ -89,6 +89,23 @@ def assert_trains(trainer, before: dict) -> None:
     assert all(torch.isfinite(p).all() for p in after.values())
 
 
+# ---------------------------------------------------------------------- the Trainer's default optimizer
+def test_optim_xsam_rho_zero_alone_is_the_trainers_default_run(tmp_path):
+    """A script's plain run, then the same script with only ``--optim xsam --xsam_rho 0`` added: the base is the
+    Trainer's own default optimizer (``TrainingArguments.default_optim``, fused AdamW in Transformers 5 with
+    torch >= 2.8), built alike, and the run is equal bitwise, weights and every logged number."""
+    data = text_data(n=24)
+    plain = Trainer(model=tiny_bert(), args=TrainingArguments(**settings(tmp_path / "plain")), train_dataset=data)
+    plain.train()  # before the next trainer is built: each run draws dropout masks from the seed its trainer set
+    ours = XSAMTrainer(model=tiny_bert(), train_dataset=data,
+                       args=XSAMTrainingArguments(**settings(tmp_path / "ours", optim="xsam", xsam_rho=0.0)))
+    ours.train()
+    assert plain.args.optim == ours.args.xsam_base_optim == TrainingArguments.default_optim
+    base, plain_optimizer = ours.xsam.base_optimizer, plain.optimizer.optimizer  # under Accelerate's wrapper
+    assert type(base) is type(plain_optimizer) and base.defaults == plain_optimizer.defaults
+    assert_same_training(plain, ours)
+
+
 # ---------------------------------------------------------------------- the callback list
 class Marker(TrainerCallback):
     """A callback that does nothing: the one the tests add, pop and remove."""
