@@ -108,6 +108,15 @@ def test_hub_runs_get_the_usual_recipe_unless_flags_say_otherwise():
     assert (args.optim, args.learning_rate, args.max_steps, data_args.max_test_samples) == ("adamw_torch", 3e-5, 7, 5)
 
 
+def test_results_name_the_optimizer_as_typed():
+    """`TrainingArguments` turns a built-in name into an enum member, printed ``OptimizerNames.ADAMW_TORCH``."""
+    from _common import optim_name
+
+    for typed in ("adamw_torch", "sgd", "xsam"):
+        _, _, args = parse_text_args(["--optim", typed])
+        assert type(optim_name(args)) is str and optim_name(args) == typed == str(optim_name(args))
+
+
 # ---------------------------------------------------------------------- end to end
 @pytest.mark.slow
 @needs_text_data
@@ -173,11 +182,14 @@ def test_image_example_digits_xsam(tmp_path):
     assert logits.shape == (5, 10) and torch.isfinite(logits).all()
 
 
-def test_image_example_adamw(tmp_path):
+def test_image_example_adamw(tmp_path, capsys):
     out = str(tmp_path / "out")
     results = image_classification.main(["--output_dir", out, "--optim", "adamw_torch", "--max_steps", "4",
                                          "--max_train_samples", "64", *QUIET])
     check_results(results, out, "adamw_torch", 10)
+    assert type(results["optim"]) is str  # the name as typed, not transformers' OptimizerNames enum
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| optimizer "))
+    assert row.split("|")[2].strip() == "adamw_torch"  # the printed table, as typed
 
 
 def test_majority_baseline_and_split_are_deterministic():
