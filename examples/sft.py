@@ -28,7 +28,7 @@ from transformers import HfArgumentParser, set_seed
 from hf_xsam import XSAMSFTConfig, XSAMSFTTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import end_distributed, package_dir  # noqa: E402
+from _common import end_distributed, optim_name, package_dir  # noqa: E402
 
 # About a minute on 2 CPU cores offline; flags on the command line win.
 TRAINING_DEFAULTS = dict(
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     logs = trainer.state.log_history
     results = {
-        "data": description, "model": script.model_name_or_path or "Llama from a config", "optim": args.optim,
+        "data": description, "model": script.model_name_or_path or "Llama from a config", "optim": optim_name(args),
         "lora_r": script.lora_r, "trainable_parameters": trainable, "train_steps": trainer.state.global_step,
         "train_loss": train_result.training_loss, "eval_loss_before": before, "eval_loss_after": after,
         "eval_perplexity_after": math.exp(after), "num_tokens": next(h["num_tokens"] for h in reversed(logs)

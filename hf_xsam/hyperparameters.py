@@ -30,7 +30,9 @@ def _integer(x) -> bool:
 @dataclass(frozen=True)
 class Hyperparameter:
     """One setting. ``check`` says whether a value is allowed, ``allowed`` says so in words for the error.
-    ``trainer_default`` is the flag's default where it differs from the optimizer's; ``optimizer`` is False for
+    ``trainer_default`` is the flag's default where it differs from the optimizer's; ``default_from_trainer``
+    instead names the attribute of Transformers' ``TrainingArguments`` that holds the flag's default (read by
+    `hf_xsam.training_args.flag_default`: this module never imports transformers). ``optimizer`` is False for
     settings only the Trainer reads (how micro-batches and processes share the work)."""
 
     name: str
@@ -42,10 +44,7 @@ class Hyperparameter:
     trainer_default: Any = None
     optimizer: bool = True
     choices: tuple[str, ...] | None = None  # for string settings: the allowed values (the flag's choices too)
-
-    @property
-    def flag_default(self):
-        return self.default if self.trainer_default is None else self.trainer_default
+    default_from_trainer: str | None = None
 
 
 HYPERPARAMETERS: dict[str, Hyperparameter] = {h.name: h for h in (
@@ -103,9 +102,11 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {h.name: h for h in (
         "micro-batch on each process ascends along its own gradient (m-sharpness).",
         optimizer=False, choices=PERTURBATIONS),
     Hyperparameter(
-        "base_optim", str, "adamw_torch", lambda x: isinstance(x, str), "must be a built-in optimizer name",
-        "the built-in optimizer XSAM wraps, configured by the usual flags and --optim_args.",
-        optimizer=False),
+        "base_optim", str, None, lambda x: isinstance(x, str), "must be a built-in optimizer name",
+        "the built-in optimizer XSAM wraps, configured by the usual flags and --optim_args; by default the "
+        "Trainer's own default optimizer (TrainingArguments.default_optim), so that --optim xsam --xsam_rho 0 "
+        "runs what the plain Trainer runs.",
+        optimizer=False, default_from_trainer="default_optim"),  # None here: the flag reads the Trainer's
 )}
 
 OPTIMIZER_SETTINGS = tuple(name for name, h in HYPERPARAMETERS.items() if h.optimizer)

@@ -10,7 +10,7 @@ import os
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainingArguments
 
 from hf_xsam.bookkeeping import bookkeeping_kept
 from hf_xsam.distributed import all_reduce_mean, trainer_no_sync
@@ -68,8 +68,6 @@ class XSAMMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._xsam_start_run()
-        # every training run (train() again, each retry of auto_find_batch_size) starts from a clean window
-        self.add_callback(_RunStart(self))
 
     def _xsam_start_run(self) -> None:
         """Forget what an earlier run left: its logs, its unfinished accumulation window (an out-of-memory error
@@ -104,6 +102,22 @@ class XSAMMixin:
             )
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval)
+
+    def _inner_training_loop(
+        self,
+        batch_size: int | None = None,
+        args: TrainingArguments | None = None,
+        resume_from_checkpoint: str | None = None,
+        trial=None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ):
+        """`Trainer._inner_training_loop`, from a clean window: every training run passes through here (`train()`
+        again, each retry of ``auto_find_batch_size``), and a method rather than a callback leaves the callback
+        list exactly `Trainer`'s."""
+        self._xsam_start_run()
+        return super()._inner_training_loop(batch_size=batch_size, args=args,
+                                            resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                            ignore_keys_for_eval=ignore_keys_for_eval)
 
     def _check_xsam_trainable(self) -> None:
         optim = self.args.optim
@@ -342,16 +356,6 @@ def _find_xsam(optimizer) -> XSAM | None:
     while optimizer is not None and not isinstance(optimizer, XSAM):
         optimizer = getattr(optimizer, "optimizer", None)
     return optimizer
-
-
-class _RunStart(TrainerCallback):
-    """Starts each training run of an `XSAMMixin` trainer afresh (see `XSAMMixin._xsam_start_run`)."""
-
-    def __init__(self, trainer: XSAMMixin):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._xsam_start_run()
 
 
 class XSAMTrainer(XSAMMixin, Trainer):

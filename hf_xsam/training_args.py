@@ -83,16 +83,26 @@ class _XSAMArgumentsMethods:
             )
 
 
+def flag_default(name: str):
+    """The default of ``--xsam_<name>``: the table's (its Trainer default where it has one), or the running
+    Transformers' own where the table says so (the base optimizer: ``TrainingArguments.default_optim``,
+    ``adamw_torch_fused`` in Transformers 5 with torch >= 2.8)."""
+    h = HYPERPARAMETERS[name]
+    if h.default_from_trainer is not None:
+        return getattr(TrainingArguments, h.default_from_trainer)
+    return h.default if h.trainer_default is None else h.trainer_default
+
+
 def _flag(name: str):
     h = HYPERPARAMETERS[name]
     metadata = {"help": f"XSAM: {h.help}".replace("%", "%%")}
     if h.choices:
         metadata["choices"] = list(h.choices)
-    return PREFIX + name, h.type, field(default=h.flag_default, metadata=metadata)
+    return PREFIX + name, h.type, field(default=flag_default(name), metadata=metadata)
 
 
 def _docstring() -> str:
-    rows = [f"        {PREFIX}{name} ({h.flag_default!r}): {h.help}" for name, h in HYPERPARAMETERS.items()]
+    rows = [f"        {PREFIX}{name} ({flag_default(name)!r}): {h.help}" for name, h in HYPERPARAMETERS.items()]
     return "\n".join([
         "Dataclass mixin: `--optim xsam|sam` and the `--xsam_*` flags for any `TrainingArguments` subclass.",
         "",

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from transformers import TrainingArguments
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)
@@ -65,7 +66,7 @@ def check_results(results: dict, output_dir: str, optim: str, num_labels: int, p
     if optim in ("xsam", "sam"):
         assert 0.0 <= results["final_alpha"] <= 2.0
         assert "- xsam" in card and f"- {optim}" in card  # the card's tags
-        assert "## Sharpness-aware training" in card and "| base_optim | adamw_torch |" in card
+        assert "## Sharpness-aware training" in card and f"| base_optim | {TrainingArguments.default_optim} |" in card
         assert f"| final alpha | {results['final_alpha']} |" in card
         if optim == "xsam":
             assert 0.0 <= results["mean_psi"] <= math.pi
@@ -105,6 +106,15 @@ def test_hub_runs_get_the_usual_recipe_unless_flags_say_otherwise():
     _, data_args, args = parse_text_args(["--dataset_name", "glue", "--max_steps", "7", "--learning_rate=3e-5",
                                           "--optim", "adamw_torch", "--max_test_samples", "5"])
     assert (args.optim, args.learning_rate, args.max_steps, data_args.max_test_samples) == ("adamw_torch", 3e-5, 7, 5)
+
+
+def test_results_name_the_optimizer_as_typed():
+    """`TrainingArguments` turns a built-in name into an enum member, printed ``OptimizerNames.ADAMW_TORCH``."""
+    from _common import optim_name
+
+    for typed in ("adamw_torch", "sgd", "xsam"):
+        _, _, args = parse_text_args(["--optim", typed])
+        assert type(optim_name(args)) is str and optim_name(args) == typed == str(optim_name(args))
 
 
 # ---------------------------------------------------------------------- end to end
@@ -172,11 +182,14 @@ def test_image_example_digits_xsam(tmp_path):
     assert logits.shape == (5, 10) and torch.isfinite(logits).all()
 
 
-def test_image_example_adamw(tmp_path):
+def test_image_example_adamw(tmp_path, capsys):
     out = str(tmp_path / "out")
     results = image_classification.main(["--output_dir", out, "--optim", "adamw_torch", "--max_steps", "4",
                                          "--max_train_samples", "64", *QUIET])
     check_results(results, out, "adamw_torch", 10)
+    assert type(results["optim"]) is str  # the name as typed, not transformers' OptimizerNames enum
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| optimizer "))
+    assert row.split("|")[2].strip() == "adamw_torch"  # the printed table, as typed
 
 
 def test_majority_baseline_and_split_are_deterministic():

@@ -14,6 +14,7 @@ from transformers import HfArgumentParser
 
 from hf_xsam import HYPERPARAMETERS, XSAM, XSAMTrainingArguments
 from hf_xsam.hyperparameters import DEFAULTS, OPTIMIZER_SETTINGS
+from hf_xsam.training_args import flag_default
 
 # Every setting of the table, with values its check must refuse. A new row without an entry fails the coverage test.
 BAD_VALUES = {
@@ -97,8 +98,8 @@ def test_one_default_and_one_name_per_setting(tmp_path):
     for name in OPTIMIZER_SETTINGS:
         assert signature[name].default == DEFAULTS[name], name
     args = make_args(tmp_path)
-    for name, h in HYPERPARAMETERS.items():
-        assert getattr(args, f"xsam_{name}") == h.flag_default, name
+    for name in HYPERPARAMETERS:
+        assert getattr(args, f"xsam_{name}") == flag_default(name), name
     opt = XSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, **args.xsam_kwargs())
     for name in OPTIMIZER_SETTINGS:
         stored = opt.param_groups[0][f"xsam_{name}"]

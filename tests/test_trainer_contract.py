@@ -20,7 +20,16 @@ from helpers import (
     tiny_llama,
     tiny_tokenizer,
 )
-from transformers import BertConfig, BertModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertModel,
+    DefaultFlowCallback,
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from hf_xsam import XSAM, XSAMSFTConfig, XSAMSFTTrainer, XSAMTrainer, XSAMTrainingArguments
 
@@ -78,6 +87,58 @@ def assert_trains(trainer, before: dict) -> None:
     changed = [name for name in before if not torch.equal(before[name], after[name])]
     assert changed, "no parameter changed"
     assert all(torch.isfinite(p).all() for p in after.values())
+
+
+# ---------------------------------------------------------------------- the Trainer's default optimizer
+def test_optim_xsam_rho_zero_alone_is_the_trainers_default_run(tmp_path):
+    """A script's plain run, then the same script with only ``--optim xsam --xsam_rho 0`` added: the base is the
+    Trainer's own default optimizer (``TrainingArguments.default_optim``, fused AdamW in Transformers 5 with
+    torch >= 2.8), built alike, and the run is equal bitwise, weights and every logged number."""
+    data = text_data(n=24)
+    plain = Trainer(model=tiny_bert(), args=TrainingArguments(**settings(tmp_path / "plain")), train_dataset=data)
+    plain.train()  # before the next trainer is built: each run draws dropout masks from the seed its trainer set
+    ours = XSAMTrainer(model=tiny_bert(), train_dataset=data,
+                       args=XSAMTrainingArguments(**settings(tmp_path / "ours", optim="xsam", xsam_rho=0.0)))
+    ours.train()
+    assert plain.args.optim == ours.args.xsam_base_optim == TrainingArguments.default_optim
+    base, plain_optimizer = ours.xsam.base_optimizer, plain.optimizer.optimizer  # under Accelerate's wrapper
+    assert type(base) is type(plain_optimizer) and base.defaults == plain_optimizer.defaults
+    assert_same_training(plain, ours)
+
+
+# ---------------------------------------------------------------------- the callback list
+class Marker(TrainerCallback):
+    """A callback that does nothing: the one the tests add, pop and remove."""
+
+
+def callback_types(trainer) -> list[type]:
+    return [type(callback) for callback in trainer.callback_handler.callbacks]
+
+
+@pytest.mark.parametrize("optim", [BASE, "xsam"])
+def test_the_callback_list_is_the_trainers_and_edits_alike(tmp_path, optim):
+    """No callback of ours, with a built-in optimizer or XSAM: the list equals `Trainer`'s when built, after
+    training, and after the same add/pop/remove calls."""
+    plain = fit(tmp_path / "plain", plain=True, train=False)
+    ours = fit(tmp_path / "ours", plain=False, xsam=RHO_ON if optim == "xsam" else dict(optim=optim), train=False)
+    assert callback_types(ours) == callback_types(plain) == [DefaultFlowCallback, PrinterCallback]
+    plain.train()
+    ours.train()
+    assert callback_types(ours) == callback_types(plain) == [DefaultFlowCallback, PrinterCallback]
+
+    def edit(trainer) -> list:
+        mine = Marker()
+        trainer.add_callback(ProgressCallback)  # a class: the trainer builds it
+        trainer.add_callback(mine)
+        assert callback_types(trainer) == [DefaultFlowCallback, PrinterCallback, ProgressCallback, Marker]
+        popped = [trainer.pop_callback(PrinterCallback), trainer.pop_callback(mine), trainer.pop_callback(Marker)]
+        assert popped[1] is mine
+        trainer.remove_callback(DefaultFlowCallback)
+        return [type(callback) for callback in popped]
+
+    assert edit(ours) == edit(plain) == [PrinterCallback, Marker, type(None)]
+    assert callback_types(ours) == callback_types(plain) == [ProgressCallback]
+    assert ours.callback_handler.callback_list == plain.callback_handler.callback_list == "ProgressCallback"
 
 
 # ---------------------------------------------------------------------- every SchedulerType
@@ -182,6 +243,31 @@ def test_auto_find_batch_size(tmp_path):
     for name, p in params_of(at_theta_0.model).items():
         assert torch.equal(p, params_of(in_ascent.model)[name]), name
     assert_trains(in_ascent, params_of(tiny_bert(dropout=0.0)))
+
+
+class WindowAtStart(XSAMTrainer):
+    """Records, each time a run starts afresh, how many micro-batches the window held (what the start forgets);
+    None at construction."""
+
+    def _xsam_start_run(self) -> None:
+        window = getattr(self, "_xsam_window", None)
+        self.window_at_start = [*getattr(self, "window_at_start", []), None if window is None else len(window)]
+        super()._xsam_start_run()
+
+
+def test_every_run_starts_from_an_empty_window(tmp_path):
+    """Out of memory in the second micro-batch of an accumulation window leaves the first one in the window; the
+    retry at a smaller batch starts without it, and so does train() called again."""
+    model = tiny_bert(dropout=0.0)
+    hook = OutOfMemoryOnce(model, at=2)  # forward 2: the second micro-batch's theta_0 pass
+    args = XSAMTrainingArguments(**settings(tmp_path, **RHO_ON, auto_find_batch_size=True,
+                                            per_device_train_batch_size=8, gradient_accumulation_steps=2))
+    trainer = WindowAtStart(model=model, args=args, train_dataset=text_data(n=32))
+    trainer.train()
+    assert hook.raised and trainer._train_batch_size < 8
+    assert trainer.window_at_start == [None, 0, 1]  # built; the first try; the retry, forgetting one micro-batch
+    trainer.train()
+    assert trainer.window_at_start == [None, 0, 1, 0] and trainer.xsam.step_count == 8
 
 
 # ---------------------------------------------------------------------- model_init and hyperparameter search

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from helpers import make_args, text_data, tiny_bert
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
-from hf_xsam import HYPERPARAMETERS, XSAMTrainer, XSAMTrainingArguments
+from hf_xsam import HYPERPARAMETERS, XSAMArgumentsMixin, XSAMTrainer, XSAMTrainingArguments
 
 FLAGS = [f"xsam_{name}" for name in HYPERPARAMETERS]
 
@@ -43,6 +45,17 @@ def test_sam_fixes_alpha_and_never_probes():
 def test_builtin_optim_names_still_parse():
     assert parse("--optim", "sgd").optim == "sgd"
     assert parse("--optim", "adamw_torch").xsam_enabled is False
+
+
+def test_the_base_optimizer_defaults_to_the_trainers_own():
+    """Read from the running Transformers (adamw_torch_fused in Transformers 5 with torch >= 2.8), not copied: the
+    parsed flag, its --help and the dataclass docstring say the same."""
+    assert parse("--optim", "xsam", "--xsam_rho", "0").xsam_base_optim == TrainingArguments.default_optim
+    assert parse().optim == TrainingArguments.default_optim
+    help_text = " ".join(HfArgumentParser(XSAMTrainingArguments).format_help().split())
+    flag_help = re.search(r"--xsam-base-optim XSAM_BASE_OPTIM (.*?)\(default: (\S+)\)", help_text)
+    assert flag_help.group(2) == TrainingArguments.default_optim
+    assert f"xsam_base_optim ({TrainingArguments.default_optim!r}): " in XSAMArgumentsMixin.__doc__
 
 
 def test_help_lists_every_flag(capsys):
