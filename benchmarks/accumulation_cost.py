@@ -18,8 +18,9 @@ import harness
 from cost import build
 
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
+from hf_xsam.training_args import flag_default  # the Trainer's default: what XSAM wraps by default
 
-OPTIMS = {"adamw": dict(optim="adamw_torch"), "sam": dict(optim="sam"), "xsam": dict(optim="xsam")}
+OPTIMS = {"adamw": dict(optim=flag_default("base_optim")), "sam": dict(optim="sam"), "xsam": dict(optim="xsam")}
 SPLITS = ((1, 16), (2, 8), (4, 4))
 
 

@@ -36,10 +36,14 @@ import harness
 import torch
 
 from hf_xsam import XSAMTrainer, XSAMTrainingArguments
+from hf_xsam.training_args import flag_default
 
 DEFAULT_INTERVAL = XSAMTrainingArguments.__dataclass_fields__["xsam_probe_every"].default
+# the base optimizer as the Trainer runs it by default, which is also what XSAM wraps by default (fused AdamW in
+# Transformers 5), so that the ratios compare the same AdamW kernel
+BASE_OPTIM = flag_default("base_optim")
 CONFIGS = {
-    "adamw": dict(optim="adamw_torch"),
+    "adamw": dict(optim=BASE_OPTIM),
     "sam": dict(optim="sam"),
     "xsam": dict(optim="xsam", xsam_probe_every=DEFAULT_INTERVAL),
     "xsam_every_step": dict(optim="xsam", xsam_probe_every=1),

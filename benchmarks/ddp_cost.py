@@ -22,8 +22,10 @@ import statistics
 
 import harness
 
+from hf_xsam.training_args import flag_default  # the Trainer's default: what XSAM wraps by default
+
 CONFIGS = {
-    "adamw": dict(optim="adamw_torch"),
+    "adamw": dict(optim=flag_default("base_optim")),
     "sam_global": dict(optim="sam", xsam_perturbation="global"),
     "sam_local": dict(optim="sam", xsam_perturbation="local"),
     "xsam_global": dict(optim="xsam", xsam_perturbation="global"),

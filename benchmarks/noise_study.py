@@ -84,7 +84,10 @@ def example_runner(task: str, flags: list[str], train_accuracy: bool = True) -> 
     from compare import KEEP
     from compare import run as run_example
 
-    optim = {"base": "adamw_torch", "sam": "sam", "xsam": "xsam"}
+    from hf_xsam.training_args import flag_default
+
+    # the base run takes the optimizer SAM and XSAM wrap (the Trainer's default), so the gaps compare like with like
+    optim = {"base": flag_default("base_optim"), "sam": "sam", "xsam": "xsam"}
 
     def run(method: str, rho: float | None, seed: int) -> dict:
         family, every, reuse = parse_method(method)
