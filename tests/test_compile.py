@@ -88,8 +88,8 @@ def loop(model, compiled: bool, steps: int = 6, micro_batches: int = 1, on_step=
 
 
 # ---------------------------------------------------------------------- a plain loop on torch.compile(model)
-@pytest.mark.parametrize("settings", [{}, dict(sharpness_every=2, reuse=True)], ids=["every_step", "reuse"])
-@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.parametrize(("micro_batches", "settings"), [(1, {}), (2, {}), (2, dict(sharpness_every=2, reuse=True))],
+                         ids=["one", "two", "two_reuse"])
 def test_batchnorm_statistics_move_at_theta_0_only_and_nothing_recompiles(micro_batches, settings):
     model = mlp()
     seen = {}
