@@ -118,8 +118,13 @@ def make_trainer(name: str, model, args, between_probes: bool = False) -> XSAMTr
 
 
 def interval_settings(name: str, args) -> dict:
-    """The configuration's flags, with ``--probe_every`` for those that probe at an interval."""
+    """The configuration's flags, with ``--probe_every`` for those that probe at an interval and ``--base_optim``
+    as the base optimizer (the "adamw" row's own optimizer, and the one SAM and XSAM wrap)."""
     settings = dict(CONFIGS[name])
+    if args.base_optim is not None and name == "adamw":
+        settings["optim"] = args.base_optim
+    elif args.base_optim is not None:
+        settings["xsam_base_optim"] = args.base_optim
     if settings.get("xsam_probe_every", 1) > 1:
         settings["xsam_probe_every"] = args.probe_every
     return settings
@@ -185,7 +190,8 @@ def peak_memory_mb(args, name: str) -> float:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
     cmd = [sys.executable, __file__, "--model", args.model, "--batch_size", str(args.batch_size),
-           "--seq_len", str(args.seq_len), "--probe_every", str(args.probe_every), "--_memory_child", name]
+           "--seq_len", str(args.seq_len), "--probe_every", str(args.probe_every), "--_memory_child", name,
+           *(["--base_optim", args.base_optim] if args.base_optim else [])]
     return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
@@ -203,6 +209,9 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="also measure peak memory")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="the configurations to time (default: all)")
+    parser.add_argument("--base_optim", default=None,
+                        help="the base optimizer of every configuration, e.g. sgd (default: the Trainer's default, "
+                             f"{BASE_OPTIM}); the first row then times it alone")
     parser.add_argument("--probe_every", type=int, default=DEFAULT_INTERVAL,
                         help="the probe interval of the configurations that probe at one")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -222,7 +231,8 @@ def main() -> None:
               if args.memory else {})
 
     print(f"model={args.model} device={args.device} bf16={args.bf16} batch={args.batch_size} "
-          f"seq={args.seq_len} rounds={args.rounds}x{args.steps} probe interval={args.probe_every}")
+          f"seq={args.seq_len} rounds={args.rounds}x{args.steps} probe interval={args.probe_every} "
+          f"base={args.base_optim or BASE_OPTIM} (the row adamw)")
     columns = [("config", 30, ""), ("s/step", 9, ".3f"), ("vs adamw", 10, ".3f"), ("vs sam", 8, ".3f")]
     columns += [("peak MB", 10, ".0f")] if memory else []
     rows = [[name, med[name], med[name] / med["adamw"], med[name] / med["sam"]] for name in args.configs]

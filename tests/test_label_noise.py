@@ -249,5 +249,10 @@ def test_cheap_sharpness_share_of_xsams_gain_kept():
     assert cheap_sharpness.kept_overall(rows) == pytest.approx(
         {"xsam": 1.0, "xsam_n4_reuse": 0.17333 / 0.18667, "xsam_n4": 0.08667 / 0.18667}, abs=1e-4)
     table = cheap_sharpness.results_table(rows)
-    assert "| 0.4 | XSAM N=4 reuse | 0.1 | 3 | 0.7933 ± 0.0153 | 0.900 | +17.3 ± 0.9 pt | -1.3 ± 0.3 pt | 93% |" \
-        in table
+    assert "| 0.4 | XSAM N=4 reuse | 0.1 | 3 | 0.7933 ± 0.0153 | 0.900 | +17.3 ± 0.9 pt | -1.3 ± 0.3 pt | 93% | " \
+        "1.20x |" in table
+    assert "| 0.4 | XSAM | 0.1 | 3 | 0.8067 ± 0.0115 | 0.900 | +18.7 ± 0.7 pt | - | 100% | - |" in table
+    for row in rows:
+        row["cost"] = None
+    assert "| 0.4 | XSAM | 0.1 | 3 | 0.8067 ± 0.0115 | 0.900 | +18.7 ± 0.7 pt | - | 100% | 200 |" in \
+        cheap_sharpness.results_table(rows)  # without --cost: the runs' own ms per step
