@@ -357,7 +357,7 @@ class XSAM(Optimizer):
         self._active, self._local = [], []
         result = self.base_optimizer.step()
         if self._get("reuse"):
-            reuse.hold(self._with_grads(), self._theta_0, self.state, reuse.STATE_KEY)
+            reuse.hold(self._with_grads(), self._theta_0, self.state)
         self._set("step", self._get("step") + 1)
         return result
 
