@@ -448,6 +448,24 @@ def test_every_accumulation_count(tmp_path, family, accumulation):
     assert on.state.global_step == plain.state.global_step == -(-10 // accumulation)
 
 
+def test_the_cheap_mode_at_rho_zero_is_the_plain_run(tmp_path):
+    """``--xsam_sharpness_every 2 --xsam_reuse`` at rho 0, with accumulation and clipping: the plain run bitwise;
+    at rho > 0 the steps in between carry a correction, so the run differs from plain XSAM every 2 steps."""
+    cheap = dict(xsam_sharpness_every=2, xsam_reuse=True)
+    options = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, max_grad_norm=1.0)
+    plain = fit(tmp_path / "plain", plain=True, **options)
+    ours = fit(tmp_path / "ours", plain=False, xsam=dict(RHO_ZERO, **cheap), **options)
+    assert_same_training(plain, ours)
+    every = fit(tmp_path / "every", plain=False, xsam=dict(RHO_ON, xsam_sharpness_every=2), **options)
+    reused = fit(tmp_path / "reused", plain=False, xsam=dict(RHO_ON, **cheap), **options)
+    first, second = ([entry for entry in logs(run) if "grad_norm" in entry] for run in (every, reused))
+    assert len(first) == len(second) == 4
+    assert first[0] == second[0]  # the sharpness step: the same
+    assert first[1]["loss"] == second[1]["loss"]  # from the same weights,
+    assert first[1]["grad_norm"] != second[1]["grad_norm"]  # the step in between clips the corrected direction
+    assert every.xsam.step_count == reused.xsam.step_count == 4
+
+
 # ---------------------------------------------------------------------- every PEFT adapter, with Trainer and trl's SFT
 def adapter_config(kind: str):
     import peft
