@@ -14,7 +14,7 @@ plus the per-run start-up and evaluation seen in the smoke runs; one study at a 
         # (needs `apt-get install dataset-fashion-mnist`, or --data_dir with the four idx .gz files)
 
 The fine-tuning study of RESULTS.md (issue 27) is ``--task text --train_examples 1000 --num_train_epochs 6
---noise_levels 0.4 --rhos 0.02 0.05 --methods base sam xsam xsam_n4_reuse``: 14 runs of 378 steps, about 3 h as two
+--noise_levels 0.4 --rhos 0.02 0.05 --methods base sam xsam xsam_n4_reuse``: 14 runs of 378 steps, about 2 h as two
 one-thread processes here (its commands in RESULTS.md split it by method).
 
 The issue's bigger text study (3000 tweets x 6 epochs, 1125 steps a run) is ``--train_examples 3000

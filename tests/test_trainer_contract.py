@@ -450,7 +450,8 @@ def test_every_accumulation_count(tmp_path, family, accumulation):
 
 def test_the_cheap_mode_at_rho_zero_is_the_plain_run(tmp_path):
     """``--xsam_sharpness_every 2 --xsam_reuse`` at rho 0, with accumulation and clipping: the plain run bitwise;
-    at rho > 0 the steps in between carry a correction, so the run differs from plain XSAM every 2 steps."""
+    at rho > 0 the sharpness steps log as with plain steps in between, and a step in between clips the corrected
+    direction."""
     cheap = dict(xsam_sharpness_every=2, xsam_reuse=True)
     options = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, max_grad_norm=1.0)
     plain = fit(tmp_path / "plain", plain=True, **options)
