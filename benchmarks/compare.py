@@ -36,14 +36,16 @@ def parse_config(text: str) -> tuple[str, list[str]]:
 
 
 KEEP = ("eval_accuracy", "test_accuracy", "test_macro_f1", "train_loss", "train_runtime_s", "train_steps",
-        "final_alpha", "mean_psi", "probe_alphas")
+        "final_alpha", "mean_psi", "mean_correction", "probe_alphas")
 
 
-def run(task: str, flags: list[str], seed: int, keep: tuple[str, ...] = KEEP) -> dict:
-    """One run of the task's example with these flags and --seed; the ``keep`` fields of its results.json."""
+def run(task: str, flags: list[str], seed: int, keep: tuple[str, ...] = KEEP, launcher: tuple[str, ...] = ()) -> dict:
+    """One run of the task's example with these flags and --seed; the ``keep`` fields of its results.json.
+    ``launcher``: a module (and its arguments) that runs the example's path given after them, e.g.
+    ``("benchmarks/carried_rules.py", "unit")``."""
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, os.path.join(ROOT, SCRIPTS[task]), "--output_dir", out, "--seed", str(seed),
-                   "--disable_tqdm", "true", *flags]
+        command = [sys.executable, *launcher, os.path.join(ROOT, SCRIPTS[task]), "--output_dir", out, "--seed",
+                   str(seed), "--disable_tqdm", "true", *flags]
         print("$", " ".join(command[1:]), flush=True)
         done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         if done.returncode != 0:

@@ -246,7 +246,7 @@ def train_one(setting: dict, seed: int, data, args, checkpoint: str | None = Non
     opt = make_optimizer(model, setting, args, steps_per_epoch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps_per_epoch)
     data_rng = torch.Generator().manual_seed(10_000 + seed)
-    psis, alphas, epoch_seconds, train_losses = [], [], [], []
+    psis, alphas, corrections, epoch_seconds, train_losses = [], [], [], [], []
     for epoch in range(args.epochs):
         start = time.perf_counter()
         order = torch.randperm(len(x_train), generator=data_rng)
@@ -265,6 +265,9 @@ def train_one(setting: dict, seed: int, data, args, checkpoint: str | None = Non
                 loss = opt.step(make_closure(model, x, y, setting["k"], psis))
                 if probing:
                     alphas.append(opt.alpha)
+                direction = opt.last_step_info.direction
+                if direction is not None and direction.correction is not None:
+                    corrections.append(direction.correction)
             schedule.step()
             running += loss.item()
         epoch_seconds.append(time.perf_counter() - start)
@@ -286,7 +289,8 @@ def train_one(setting: dict, seed: int, data, args, checkpoint: str | None = Non
                 seed=seed, test_acc=test_acc, test_loss=test_loss, train_acc=train_acc, train_loss=train_loss,
                 epoch_train_losses=train_losses, seconds_per_epoch=statistics.mean(epoch_seconds),
                 mean_psi=statistics.mean(psis) if psis else None, alphas=alphas,
-                mean_alpha=statistics.mean(alphas) if alphas else None, **extra)
+                mean_alpha=statistics.mean(alphas) if alphas else None,
+                mean_correction=torch.stack(corrections).mean().item() if corrections else None, **extra)
 
 
 # ---------------------------------------------------------------------- flags

@@ -78,9 +78,10 @@ def run_key(method: str, noise: float, rho: float | None, seed: int) -> str:
     return f"{method}|{noise:g}|{'-' if rho is None else f'{rho:g}'}|{seed}"
 
 
-def example_runner(task: str, flags: list[str], train_accuracy: bool = True) -> Runner:
-    """run(method, rho, seed) for an example (`compare.run`, a subprocess): its record, in this script's fields
-    (``train_acc``, on the labels trained on, is None unless ``train_accuracy``: it costs a pass over the split)."""
+def example_runner(task: str, flags: list[str], train_accuracy: bool = True, launcher: tuple[str, ...] = ()) -> Runner:
+    """run(method, rho, seed) for an example (`compare.run`, a subprocess, started through ``launcher`` when given):
+    its record, in this script's fields (``train_acc``, on the labels trained on, is None unless ``train_accuracy``:
+    it costs a pass over the split)."""
     from compare import KEEP
     from compare import run as run_example
 
@@ -95,11 +96,13 @@ def example_runner(task: str, flags: list[str], train_accuracy: bool = True) -> 
         cheap = [] if every == 1 else ["--xsam_sharpness_every", str(every), "--xsam_reuse", str(reuse)]
         fit = ("train_accuracy",) if train_accuracy else ()
         result = run_example(task, ["--optim", optim[family], *rho_flags, *cheap, "--train_accuracy",
-                                    str(train_accuracy), *flags], seed, keep=(*KEEP, *fit))
+                                    str(train_accuracy), *flags], seed, keep=(*KEEP, *fit),
+                             launcher=launcher)
         alphas = result["probe_alphas"]
         return dict(val_acc=result["eval_accuracy"], test_acc=result["test_accuracy"],
                     train_acc=result.get("train_accuracy"), mean_alpha=statistics.fmean(alphas) if alphas else None,
-                    mean_psi=result["mean_psi"], seconds=result["train_runtime_s"], steps=result["train_steps"])
+                    mean_psi=result["mean_psi"], mean_correction=result["mean_correction"],
+                    seconds=result["train_runtime_s"], steps=result["train_steps"])
 
     return run
 
@@ -124,7 +127,8 @@ def image_runner(argv: list[str]) -> Runner:
                        sharpness_every=every, reuse=reuse)
         r = train_one(setting, seed, data, args, val=val)
         return dict(val_acc=r["val_acc"], test_acc=r["test_acc"], train_acc=r["train_acc"],
-                    mean_alpha=r["mean_alpha"], mean_psi=r["mean_psi"], seconds=r["seconds_per_epoch"] * args.epochs,
+                    mean_alpha=r["mean_alpha"], mean_psi=r["mean_psi"], mean_correction=r["mean_correction"],
+                    seconds=r["seconds_per_epoch"] * args.epochs,
                     seconds_per_epoch=r["seconds_per_epoch"], steps=len(data[0]) // args.batch_size * args.epochs)
 
     return run

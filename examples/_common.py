@@ -473,11 +473,13 @@ def end_distributed() -> None:
 
 
 def xsam_log_summary(log_history: list[dict[str, Any]]) -> dict[str, Any]:
-    """From a run's log history: the mean of the logged ``xsam/psi`` (each entry already a mean over its logging
-    window) and the alpha each probe chose, in order. None and [] for runs without XSAM logs."""
+    """From a run's log history: the means of the logged ``xsam/psi`` and ``xsam/correction`` (each entry already a
+    mean over its logging window) and the alpha each probe chose, in order. None and [] for runs without them."""
     psis = [entry["xsam/psi"] for entry in log_history if "xsam/psi" in entry]
+    corrections = [entry["xsam/correction"] for entry in log_history if "xsam/correction" in entry]
     return {
         "mean_psi": float(np.mean(psis)) if psis else None,
+        "mean_correction": float(np.mean(corrections)) if corrections else None,
         "probe_alphas": [entry["xsam/alpha"] for entry in log_history if "xsam/probe_alphas" in entry],
     }
 

@@ -82,14 +82,29 @@ def swap(a, b, foreach: bool) -> None:
             x.sub_(y)
 
 
-def carry(params, theta_0, grads, a: torch.Tensor, psi: torch.Tensor, norm_g0: torch.Tensor, eps: float,
-          foreach: bool) -> None:
-    """End a sharpness step that keeps its correction.
+def carried_gain(a: torch.Tensor) -> torch.Tensor:
+    """The factor on the part of d that a sharpness step keeps: 1 / max(|a1|, 1), so that the steps in between carry
+    at most SAM's part (LookSAM's correction), and less when the probe chose alpha* < 1 (docs/algorithm.md, "Beyond
+    the paper").
+
+    With one ascent step the plane of v0 and v1 has one direction orthogonal to v0, so the kept part of XSAM's
+    d = ||g_k|| (a0 v0 + a1 v1) is a1 times SAM's (a1 = sin(alpha psi) / sin(psi)): the probe can only scale it.
+    That scale was chosen for the sharpness step's own batch; carried unchanged over the steps in between, a gain
+    a1 > 1 (alpha* > 1) amplifies a stale direction, which collapsed AdamW fine-tuning (benchmarks/RESULTS.md,
+    "Which correction to carry"). The divisor is at least 1: no small number is ever divided by."""
+    return 1.0 / torch.clamp(a[1].abs(), min=1.0)
+
+
+def carry(params, theta_0, grads, a: torch.Tensor, psi: torch.Tensor, norms: torch.Tensor, norm_g0: torch.Tensor,
+          eps: float, foreach: bool) -> torch.Tensor:
+    """End a sharpness step that keeps its correction; returns ||c'||, the size of the steps in between's correction
+    relative to their gradient (from the plane's scalars: no extra pass over the tensors).
 
     On entry (after `geometry.plane`): ``params`` hold w = ||g_k|| (v0 - v1), ``grads`` g_k, ``theta_0`` the saved
-    weights; ``a`` = (a0, a1) are the direction's coefficients, d = ||g_k|| (a0 v0 + a1 v1), and ``norm_g0`` is
-    ||g_0|| (the ascent's own norm). On return ``grads`` hold d (as `geometry.direction` builds it, to rounding),
-    ``params`` theta_0 bitwise, and ``theta_0``'s buffers c' = (d - (d . v0) v0) / ||g_0||.
+    weights; ``a`` = (a0, a1) are the direction's coefficients, d = ||g_k|| (a0 v0 + a1 v1), ``norms`` are
+    (||e||, ||g_k||) and ``norm_g0`` is ||g_0|| (the ascent's own norm). On return ``grads`` hold d (as
+    `geometry.direction` builds it, to rounding), ``params`` theta_0 bitwise, and ``theta_0``'s buffers
+    c' = gain (d - (d . v0) v0) / ||g_0||, with gain = `carried_gain` (a).
     """
     _add(params, grads, foreach)  # u = w + g_k = ||g_k|| v0
     _mul(grads, a[1], foreach)
@@ -97,10 +112,13 @@ def carry(params, theta_0, grads, a: torch.Tensor, psi: torch.Tensor, norm_g0: t
     # (d . v0) v0 = beta u with beta = a0 + a1 cos(psi); with no g_0 there is nothing to split off: c' = 0
     beta = a[0] + a[1] * torch.cos(psi)
     inverse = torch.where(norm_g0 > eps, 1.0 / (norm_g0 + eps), torch.zeros_like(norm_g0))
+    scale = inverse * carried_gain(a)
     _mul(params, -beta, foreach)
     _add(params, grads, foreach)
-    _mul(params, inverse, foreach)  # c'
+    _mul(params, scale, foreach)  # c'
     swap(params, theta_0, foreach)
+    # ||d - (d . v0) v0|| = ||g_k|| |a1| sin(psi)
+    return scale * norms[1] * a[1].abs() * torch.sin(psi)
 
 
 def correct(grads, carried_grads, carried, eps: float, foreach: bool, groups: tuple = ()) -> None:

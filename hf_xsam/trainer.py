@@ -59,8 +59,9 @@ class XSAMMixin:
 
     Logged (with the training loss): ``xsam/alpha``, ``xsam/psi`` (mean angle between v0 and v1, radians),
     ``xsam/ascent_loss`` (mean loss at the ascent point), ``xsam/probe_loss_max`` (largest loss of the latest
-    probe since the last log). Each probe also appends ``{"step", "xsam/probe_alphas", "xsam/probe_losses",
-    "xsam/alpha"}`` to ``state.log_history`` (saved in ``trainer_state.json``).
+    probe since the last log), with ``--xsam_reuse`` ``xsam/correction`` (mean ||c'||: the size of the correction
+    the steps in between add, relative to their gradient). Each probe also appends ``{"step", "xsam/probe_alphas",
+    "xsam/probe_losses", "xsam/alpha"}`` to ``state.log_history`` (saved in ``trainer_state.json``).
 
     With any other ``args.optim`` the class is exactly its Trainer base.
     """
@@ -72,7 +73,7 @@ class XSAMMixin:
     def _xsam_start_run(self) -> None:
         """Forget what an earlier run left: its logs, its unfinished accumulation window (an out-of-memory error
         may strike mid-window), the micro-batches kept for the probe."""
-        self._xsam_logs: dict[str, list] = {"psi": [], "ascent_loss": [], "probe_loss_max": []}
+        self._xsam_logs: dict[str, list] = {"psi": [], "ascent_loss": [], "correction": [], "probe_loss_max": []}
         self._xsam_window: list[MicroBatch] = []  # this step's micro-batches so far (global mode)
         # micro-batches trained on before, for a probe averaged over xsam_probe_batches of them (validated >= 1)
         keep = self.args.xsam_probe_batches - 1 if self._xsam_enabled else 0
@@ -282,6 +283,8 @@ class XSAMMixin:
             self._xsam_logs["psi"].append(info.psi.detach())
         if passes.ascent_loss is not None:
             self._xsam_logs["ascent_loss"].append(passes.ascent_loss)
+        if info.correction is not None:
+            self._xsam_logs["correction"].append(info.correction.detach())
         if info.probe_losses is not None:
             finite = [v for v in info.probe_losses if math.isfinite(v)]
             self._xsam_logs["probe_loss_max"] = [max(finite)] if finite else []
@@ -298,7 +301,7 @@ class XSAMMixin:
             logs["xsam/alpha"] = self.xsam.alpha
             if self.xsam.angle is not None:
                 logs["xsam/angle"] = self.xsam.angle
-            for key in ("psi", "ascent_loss"):
+            for key in ("psi", "ascent_loss", "correction"):
                 values = self._xsam_logs[key]
                 if values:  # one host sync per logging step; nanmean: an fp16 overflow step gives NaN
                     mean = torch.stack(values).float().nanmean().item()

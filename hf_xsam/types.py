@@ -36,12 +36,15 @@ class DirectionInfo:
     probe_losses: the loss at each evaluated probe point, in increasing alpha, or None when no probe ran.
     probe_alphas: the alpha of each of those points (the grid's, a subset of it for the fast search, or
         angle / psi in the angle space).
+    correction: with ``reuse``, ||c'||, the norm of the correction this step leaves to the steps in between relative
+        to their gradient (they descend along g + ||g|| c'), a 0-dim tensor on the device; None otherwise.
     """
 
     psi: torch.Tensor | None
     alpha: float
     probe_losses: list[float] | None = None
     probe_alphas: list[float] | None = None
+    correction: torch.Tensor | None = None
 
 
 @dataclass

@@ -278,7 +278,8 @@ class XSAM(Optimizer):
             else:
                 a = geometry.slerp_coefficients(self.alpha, psi, norms, eps)
             if carrying:
-                reuse.carry(params, theta_0, grads, a, psi, self._norm_g0, eps, self.foreach)
+                info.correction = reuse.carry(params, theta_0, grads, a, psi, norms, self._norm_g0, eps,
+                                              self.foreach)
             else:
                 geometry.direction(params, grads, a, self.foreach)
             info.psi = psi

@@ -221,10 +221,16 @@ class ReferenceXSAM:
 
         # 5-6. d = ||g_k|| v(alpha), or g_k itself when the plane is degenerate
         d = g_k if degenerate else g_k.norm() * slerp(v0, v1, psi, self.alpha)
-        if self.reuse:  # the part of d orthogonal to g_0, per unit of ||g_0||
+        if self.reuse:  # the part of d orthogonal to g_0, never longer than SAM's (g_k's), per unit of ||g_0||
             norm_0 = g_0.norm()
-            c = d - (torch.dot(d, g_0) / norm_0**2) * g_0 if norm_0 > 0 else torch.zeros_like(d)
-            self.correction = c / norm_0 if norm_0 > 0 else c
+            if norm_0 > 0:
+                c = d - (torch.dot(d, g_0) / norm_0**2) * g_0
+                c_sam = g_k - (torch.dot(g_k, g_0) / norm_0**2) * g_0
+                if c.norm() > c_sam.norm():
+                    c = c * (c_sam.norm() / c.norm())
+                self.correction = c / norm_0
+            else:
+                self.correction = torch.zeros_like(d)
         write_params(active, theta_0)
         write_grads(active, d)
         set_rng_state(rng_after)

@@ -77,6 +77,43 @@ def test_correction_is_orthogonal_to_g_0_and_scaled_by_its_norm(foreach):
     assert kept.norm() > 1e-2
 
 
+def _kept_after_one_sharpness_step(alpha: float, foreach: bool = True):
+    """(kept c', d, the step's DirectionInfo) after one sharpness step from the same weights and batch."""
+    model = MLP.build()
+    opt = XSAM(model.parameters(), torch.optim.SGD, rho=MLP.rho, alpha=alpha, probe_every=0, sharpness_every=2,
+               reuse=True, foreach=foreach, lr=0.1)
+    closure = make_closure(model, MLP.loss, MLP.batches(1)[0])
+    opt.zero_grad()
+    closure()
+    info = sharpness_passes(opt, [_replayable(closure)]).direction
+    d = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    return torch.cat([opt._theta_0[p].reshape(-1) for p in model.parameters()]), d, info
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_the_carried_correction_is_sams_part_at_most(foreach):
+    """With one ascent step XSAM's kept part is a1 = sin(alpha psi) / sin(psi) times SAM's. It is carried at gain
+    1 / max(a1, 1): at alpha 1.6 (a1 > 1) exactly SAM's (alpha 1) correction, although d differs; at alpha 0.5
+    (a1 < 1) a1 times it, unamplified."""
+    sam, d_sam, info = _kept_after_one_sharpness_step(1.0, foreach)
+    psi = info.psi
+    for alpha in (1.6, 0.5):
+        kept, d, _ = _kept_after_one_sharpness_step(alpha, foreach)
+        a1 = (torch.sin(alpha * psi) / torch.sin(psi)).item()
+        assert (a1 > 1.2) if alpha > 1 else (a1 < 0.8)
+        assert (d - d_sam).norm() > 1e-2 * d_sam.norm()
+        torch.testing.assert_close(kept, sam * min(a1, 1.0), rtol=1e-4, atol=1e-6)
+    assert sam.norm() > 1e-2
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 1.6])
+def test_the_logged_correction_is_the_kept_norm(alpha):
+    """DirectionInfo.correction (the Trainer's xsam/correction) is ||c'||, from the plane's scalars."""
+    kept, _, info = _kept_after_one_sharpness_step(alpha)
+    torch.testing.assert_close(info.correction, kept.norm(), rtol=1e-4, atol=1e-7)
+    assert info.correction > 1e-2
+
+
 def _replayable(closure):
     from hf_xsam.replay import RNGState
     from hf_xsam.types import MicroBatch
@@ -253,6 +290,10 @@ def test_trainer_clips_the_corrected_direction_like_a_custom_loop(tmp_path):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=name)
     norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     assert len(norms) == 5 and min(norms) > clip  # every step was clipped
+    # xsam/correction: logged on the sharpness steps (1, 3, 5 as the logs count), which leave the correction
+    logged = {h["step"]: h.get("xsam/correction") for h in trainer.state.log_history if "loss" in h}
+    assert [step for step, value in logged.items() if value is not None] == [1, 3, 5]
+    assert all(0 < logged[step] < 10 for step in (1, 3, 5))
 
 
 def test_fp16_scaler_an_overflow_between_sharpness_steps_keeps_the_correction(tmp_path):

@@ -194,6 +194,7 @@ def test_logs_xsam_metrics_and_probe_losses(tmp_path):
         assert entry["xsam/ascent_loss"] > 0
         assert entry["xsam/probe_loss_max"] > 0
         assert entry["xsam/alpha"] in [round(0.1 * i, 12) for i in range(21)]
+        assert "xsam/correction" not in entry  # only the cheap mode with reuse carries a correction
     probes = [h for h in trainer.state.log_history if "xsam/probe_losses" in h]
     assert [p["step"] for p in probes] == [1, 3]
     for probe in probes:
