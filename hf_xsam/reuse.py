@@ -3,7 +3,8 @@ tensors beside `hf_xsam.geometry` (docs/algorithm.md, "Beyond the paper").
 
 With one ascent step the ascent runs along g_0, so v0 = g_0 / ||g_0||. A sharpness step's direction d splits into
 its part along v0, which a plain step along g_0 would also take, and the rest, c = d - (d . v0) v0: what
-sharpness-awareness adds. The step keeps c' = c / ||g_0||, and each plain step until the next sharpness step
+sharpness-awareness adds. The step keeps c' = gain c / ||g_0||, with the gain of `carried_gain` (at most SAM's
+part is carried), and each plain step until the next sharpness step
 descends along g + ||g|| c' instead of g: the correction, grown to that step's own gradient norm (the global
 decomposition of LookSAM, Liu et al., CVPR 2022, with the prototype's scale rather than LookSAM's fixed one).
 
