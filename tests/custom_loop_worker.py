@@ -48,6 +48,7 @@ def ddp_loop(out: str) -> None:
                                             y[(step * world + rank) * 8:(step * world + rank + 1) * 8]),
                   range(STEPS), record, snapshot)
     torch.save({**record, "rank": rank}, f"{out}.rank{rank}")
+    dist.barrier()  # every rank done before teardown: gloo can abort a rank torn down while another still talks
     dist.destroy_process_group()
 
 
