@@ -35,7 +35,7 @@ import os
 import statistics
 
 import harness
-from carried_rules import RULES
+from carried_rules import RULES, installed
 from noise_study import (
     Store,
     check_distinct,
@@ -83,13 +83,8 @@ def make_runner(args, noise: float, rule: str | None):
         return run
 
     def with_rule(method, rho, seed):
-        from carried_rules import install
-
-        install(rule)
-        try:
+        with installed(rule):
             return run(method, rho, seed)
-        finally:
-            install("capped")
 
     return with_rule
 

@@ -5,16 +5,19 @@ A sharpness step with ``reuse`` keeps c' = gain (d - (d . v0) v0) / ||g_0|| for 
 sin(psi)), so a rule is the gain, a function of the direction's coefficients a = (a0, a1):
 
 - ``landed``: 1, XSAM's own part, a1 times SAM's (hf_xsam before issue 32);
-- ``capped``: 1 / max(a1, 1), SAM's part at most, less when alpha* < 1 (`hf_xsam.reuse.carried_gain`, the library's);
+- ``capped``: 1 / max(|a1|, 1), SAM's part at most, less when alpha* < 1 (`hf_xsam.reuse.carried_gain`, the
+  library's);
 - ``unit``: 1 / a1, SAM's part always (LookSAM's correction between XSAM's sharpness steps; none when a1 <= 0).
 
-`install` puts a rule in place of the library's in this process. A run of an example in a subprocess takes its rule
-from this module's command line: ``python benchmarks/carried_rules.py RULE examples/text_classification.py ...``
-(`noise_study.example_runner`'s ``launcher``).
+`install` puts a rule in place of the library's in this process, `installed` for the length of a ``with`` block.
+A run of an example in a subprocess takes its rule from this module's command line,
+``python benchmarks/carried_rules.py RULE examples/text_classification.py ...`` (`noise_study.example_runner`'s
+``launcher``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
 import sys
@@ -40,6 +43,16 @@ def install(rule: str) -> None:
     if rule not in RULES:
         raise ValueError(f"rule={rule!r} is invalid: must be one of {', '.join(RULES)}")
     reuse.carried_gain = RULES[rule]
+
+
+@contextlib.contextmanager
+def installed(rule: str):
+    before = reuse.carried_gain
+    install(rule)
+    try:
+        yield
+    finally:
+        reuse.carried_gain = before
 
 
 if __name__ == "__main__":  # RULE SCRIPT [ARGS...]: run SCRIPT as __main__ under RULE
