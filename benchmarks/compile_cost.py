@@ -6,8 +6,8 @@ and what the library costs a forward that is not XSAM's.
 
 Each configuration is an XSAMTrainer driven step by step through `training_step` + `optimizer.step` (as
 benchmarks/cost.py does), with the Trainer's own model, or with ``torch.compile`` of it (what ``--torch_compile``
-runs). Warm-up (the compilation of the training graph and of the probe's forward-only graph) happens before the
-timing: XSAM probes on its first step, then at the default interval (timed between probes). Timed with
+runs). Warm-up (the compilation of the training graph) happens before the timing; XSAM is timed between probes,
+holding ``--alpha`` as benchmarks/cost.py's timed steps do. Timed with
 `harness.interleave`, rounds that interleave the six configurations; the table quotes medians.
 
 The second table answers "does importing hf_xsam and taking a step tax forwards elsewhere?": a no-grad forward of
@@ -110,11 +110,11 @@ def main() -> None:
     if args._forward:
         args.device, args.bf16 = "cpu", False
         return forward_child_plain(args) if args._forward == "plain" else forward_child(args)
-    harness.require_positive(args, "rounds", "steps")
+    harness.check_model_flags(args)
     torch.manual_seed(0)
 
     print(f"model={args.model} device={args.device} bf16={args.bf16} batch={args.batch_size} seq={args.seq_len} "
-          f"rounds={args.rounds}x{args.steps} torch={torch.__version__}")
+          f"rounds={args.rounds}x{args.steps} alpha between probes={args.alpha:g} torch={torch.__version__}")
     med = {}
     if not args.no_steps:
         med = {key: m.median for key, m in measure_steps(args).items()}

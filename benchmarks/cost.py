@@ -9,7 +9,9 @@
 Each configuration gets its own XSAMTrainer driven step by step through `training_step` + `optimizer.step`
 (what Trainer's loop runs per step), timed by `harness.interleave` (torch.utils.benchmark.Timer, rounds that
 interleave the configurations so that machine noise hits them alike; the table quotes medians). A configuration
-that probes at an interval is timed between probes (its timed copy probes on the warm-up step only), one with
+that probes at an interval is timed between probes: its timed copy never probes and holds ``--alpha`` (default
+1.5, about the mean alpha* of our runs), so that its steps take the plane geometry, as a run's steps do between
+probes (at alpha = 1 exactly XSAM takes SAM's path and skips it: the row ``xsam_sam_path`` times that). One with
 `--xsam_sharpness_every N` over whole periods of N steps (one sharpness-aware step and N - 1 plain ones), and the
 probe's extra time is measured on the configurations that probe every step; a configuration's cost is then, at
 probe interval M, (sharp + (N - 1) plain) / N + (probe - sharp) / M.
@@ -46,6 +48,8 @@ CONFIGS = {
     "adamw": dict(optim=BASE_OPTIM),
     "sam": dict(optim="sam"),
     "xsam": dict(optim="xsam", xsam_probe_every=DEFAULT_INTERVAL),
+    # XSAM holding alpha = 1: SAM's direction through XSAM's code, without the plane geometry (where the time goes)
+    "xsam_sam_path": dict(optim="xsam", xsam_probe_every=0, xsam_alpha=1.0),
     "xsam_every_step": dict(optim="xsam", xsam_probe_every=1),
     "xsam_fast": dict(optim="xsam", xsam_probe_every=DEFAULT_INTERVAL, xsam_probe_search="fast"),
     "xsam_fast_every_step": dict(optim="xsam", xsam_probe_every=1, xsam_probe_search="fast"),
@@ -56,7 +60,6 @@ CONFIGS = {
     "sam_sharpness_every_4_reuse": dict(optim="sam", xsam_sharpness_every=4, xsam_reuse=True),  # LookSAM
 }
 MEMORY_CONFIGS = ("adamw", "sam", "xsam", "xsam_every_step", "xsam_sharpness_every_4_reuse")
-NEVER = 10**9  # the probe interval of a timed copy of a configuration that probes every M > 1 steps
 
 
 def build(model_name: str, batch_size: int, seq_len: int, device: str):
@@ -104,10 +107,11 @@ class _WithLoss(torch.nn.Module):
 
 
 def make_trainer(name: str, model, args, between_probes: bool = False) -> XSAMTrainer:
-    """The configuration's trainer; ``between_probes``: an interval prober probes on its first step only."""
+    """The configuration's trainer; ``between_probes``: an interval prober never probes and holds ``args.alpha``
+    (its steps between probes)."""
     settings = interval_settings(name, args)
     if between_probes and settings.get("xsam_probe_every", 1) > 1:
-        settings["xsam_probe_every"] = NEVER
+        settings.update(xsam_probe_every=0, xsam_alpha=args.alpha)
     training_args = XSAMTrainingArguments(
         output_dir="/tmp/hf_xsam_cost", report_to="none", use_cpu=args.device == "cpu", bf16=args.bf16,
         learning_rate=5e-5, max_steps=10_000, **settings)
@@ -144,7 +148,7 @@ def measure_times(args) -> dict:
         settings = CONFIGS[name]
         model, batch = build(args.model, args.batch_size, args.seq_len, args.device)
         trainer = make_trainer(name, model, args, between_probes=True)
-        one_step(trainer, batch)  # warm-up (xsam: its step-0 probe)
+        one_step(trainer, batch)  # warm-up
         period = settings.get("xsam_sharpness_every", 1)
         fns[name] = lambda t=trainer, b=batch, n=period: [one_step(t, b) for _ in range(n)]
         number[name] = math.ceil(args.steps / period)
@@ -220,7 +224,8 @@ def main() -> None:
     if args._memory_child:
         args.device, args.bf16 = "cpu", False
         return memory_child(args)
-    harness.require_positive(args, "rounds", "steps", "probe_every")
+    harness.check_model_flags(args)
+    harness.require_positive(args, "probe_every")
     if not {"adamw", "sam"} <= set(args.configs):
         raise ValueError(f"--configs={args.configs} is invalid: the ratios need adamw and sam")
     torch.manual_seed(0)
@@ -232,7 +237,7 @@ def main() -> None:
 
     print(f"model={args.model} device={args.device} bf16={args.bf16} batch={args.batch_size} "
           f"seq={args.seq_len} rounds={args.rounds}x{args.steps} probe interval={args.probe_every} "
-          f"base={args.base_optim or BASE_OPTIM} (the row adamw)")
+          f"alpha between probes={args.alpha:g} base={args.base_optim or BASE_OPTIM} (the row adamw)")
     columns = [("config", 30, ""), ("s/step", 9, ".3f"), ("vs adamw", 10, ".3f"), ("vs sam", 8, ".3f")]
     columns += [("peak MB", 10, ".0f")] if memory else []
     rows = [[name, med[name], med[name] / med["adamw"], med[name] / med["sam"]] for name in args.configs]

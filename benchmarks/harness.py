@@ -62,6 +62,16 @@ def add_model_flags(parser, rounds: int, steps: int, models: Sequence[str] = ("m
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--steps", type=int, default=steps,
                         help="timed steps per configuration per round (the Timer warms up with 2 more)")
+    parser.add_argument("--alpha", type=float, default=1.5,
+                        help="the alpha XSAM's timed steps between probes hold: its plane geometry runs (about the "
+                             "mean alpha* of our runs; 1 takes SAM's path, which skips the geometry)")
+
+
+def check_model_flags(args) -> None:
+    """ValueError for flags of `add_model_flags` no timing can use."""
+    require_positive(args, "batch_size", "seq_len", "rounds", "steps")
+    if not math.isfinite(args.alpha):
+        raise ValueError(f"--alpha={args.alpha!r} is invalid: must be a finite number")
 
 
 # ---------------------------------------------------------------------- processes

@@ -77,3 +77,38 @@ def test_markdown_table():
     harness = _harness()
     assert harness.markdown_table(["rho", "test"], [["0.05", "0.9500"], ["0.5", "0.4400"]]) == (
         "| rho | test |\n|---|---|\n| 0.05 | 0.9500 |\n| 0.5 | 0.4400 |")
+
+
+def _cost_args(**overrides):
+    import argparse
+
+    harness = _harness()  # also puts benchmarks/ on the path, for cost
+    parser = argparse.ArgumentParser()
+    harness.add_model_flags(parser, rounds=1, steps=1)
+    args = parser.parse_args([f"--{k}={v}" for k, v in overrides.items()])
+    args.base_optim, args.probe_every = None, 200
+    return args
+
+
+@pytest.mark.parametrize("name, alpha, geometry", [("xsam", 1.5, True), ("xsam_sam_path", 1.0, False)])
+def test_cost_times_xsam_between_probes_with_the_plane_geometry(name, alpha, geometry):
+    """The timed copy of XSAM never probes and holds --alpha, so its steps take the plane geometry (psi is
+    measured); the row xsam_sam_path holds alpha = 1, SAM's path, which skips it."""
+    args = _cost_args()
+    import cost
+    import torch
+
+    trainer = cost.make_trainer(name, tiny_bert(), args, between_probes=True)
+    batch = {"input_ids": torch.randint(1, 64, (4, 8), generator=torch.Generator().manual_seed(0)),
+             "labels": torch.tensor([0, 1, 2, 0])}
+    for _ in range(2):
+        cost.one_step(trainer, batch)
+    assert trainer.optimizer.alpha == alpha
+    assert len(trainer._xsam_logs["psi"]) == (2 if geometry else 0)
+    assert trainer._xsam_logs["probe_loss_max"] == []  # no probe
+
+
+def test_cost_refuses_an_alpha_that_is_not_finite():
+    harness = _harness()
+    with pytest.raises(ValueError, match=r"--alpha=nan is invalid: must be a finite number"):
+        harness.check_model_flags(_cost_args(alpha="nan"))
