@@ -28,7 +28,6 @@ the plot's x axis shows).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 
@@ -38,6 +37,7 @@ from noise_study import (
     check_distinct,
     check_rhos,
     choose_rho,
+    cost_ratios,
     image_runner,
     mean_sd,
     method_name,
@@ -186,11 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
             family, _, _ = parse_method(method)
             for seed in args.seeds:
                 run(method, None if family == "base" else chosen[noise][family], seed)
-    cost = None
-    if args.cost:
-        with open(args.cost, encoding="utf-8") as f:
-            cost = json.load(f)["ratios_to_base"]
-    rows = summary_rows(store.data["runs"], args.noise_levels, args.seeds, args.methods, chosen, cost)
+    rows = summary_rows(store.data["runs"], args.noise_levels, args.seeds, args.methods, chosen,
+                        cost_ratios(args.cost))
     print(f"test accuracy over seeds {', '.join(map(str, args.seeds))}; {args.train_examples} images x "
           f"{args.num_train_epochs} epochs (validation and test labels clean)")
     print(results_table(rows))

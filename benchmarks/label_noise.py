@@ -57,6 +57,7 @@ from noise_study import (
     check_distinct,
     check_rhos,
     choose_rho,
+    cost_ratios,
     example_runner,
     gap_text,
     image_runner,
@@ -77,9 +78,11 @@ DEFAULTS = {  # per task: rho grid, training examples, epochs
 
 
 def summary_rows(runs: dict[str, dict], noise_levels: list[float], seeds: list[int],
-                 chosen: dict[float, dict[str, float]], methods=METHODS) -> list[dict]:
+                 chosen: dict[float, dict[str, float]], methods=METHODS,
+                 cost: dict[str, float] | None = None) -> list[dict]:
     """One row per noise level and method with runs on ``seeds``: accuracies over the seeds, the paired gaps (a
-    cheap mode, e.g. xsam_n4_reuse, runs at its family's rho and is also compared with full XSAM)."""
+    cheap mode, e.g. xsam_n4_reuse, runs at its family's rho and is also compared with its family's full method),
+    and ``cost`` (per step over the base optimizer's, `cost_ratios`) where given."""
     rows = []
     for noise in noise_levels:
         rho = {"base": None, **chosen.get(noise, {})}
@@ -100,11 +103,12 @@ def summary_rows(runs: dict[str, dict], noise_levels: list[float], seeds: list[i
                 val=statistics.fmean(r["val_acc"] for r in mine.values()),
                 train=statistics.fmean(r["train_acc"] for r in mine.values()),
                 vs_base=paired_gap(test[method], test["base"]) if method != "base" and "base" in test else None,
-                vs_sam=paired_gap(test[method], test["sam"]) if family == "xsam" and "sam" in test else None,
-                vs_xsam=paired_gap(test[method], test["xsam"]) if every > 1 and "xsam" in test else None,
+                vs_sam=paired_gap(test[method], test["sam"]) if method == "xsam" and "sam" in test else None,
+                vs_full=paired_gap(test[method], test[family]) if every > 1 and family in test else None,
                 mean_alpha=statistics.fmean(alphas) if alphas else None,
                 mean_psi=statistics.fmean(psis) if psis else None,
-                seconds=statistics.median(r["seconds"] for r in mine.values())))
+                seconds=statistics.median(r["seconds"] for r in mine.values()),
+                cost=None if cost is None else cost.get(method)))
     return rows
 
 
@@ -118,10 +122,14 @@ def results_table(rows: list[dict], base: str) -> str:
               f"{r['train']:.4f}", f"{r['val']:.4f}", number_text(r["mean_alpha"], ".2f"),
               number_text(r["mean_psi"], ".3f"), f"{r['seconds']:.0f}"]
              for r in rows]
-    if any(r.get("vs_xsam") for r in rows):  # a cheap mode was run: its gap to full XSAM
-        header.insert(6, "gap to XSAM (paired ± SE)")
+    if any(r.get("vs_full") for r in rows):  # a cheap mode was run: its gap to its family's full method
+        header.insert(6, "gap to its full method (paired ± SE)")
         for row, r in zip(cells, rows):
-            row.insert(6, gap_text(r.get("vs_xsam")))
+            row.insert(6, gap_text(r.get("vs_full")))
+    if any(r.get("cost") is not None for r in rows):  # --cost: the quiet cost run's ratio, not these runs' seconds
+        header[-1] = f"cost per step vs {base} (cost.py)"
+        for row, r in zip(cells, rows):
+            row[-1] = "-" if r["cost"] is None else f"{r['cost']:.2f}x"
     return harness.markdown_table(header, cells)
 
 
@@ -143,7 +151,10 @@ def rho_table(runs: dict[str, dict], noise_levels, rhos, seed: int, chosen) -> s
 
 def plot(rows: list[dict], path: str, title: str, base: str) -> None:
     """Test accuracy (mean +- sd) and the accuracy on the noisy training labels against the noise level, one line
-    per method; the fraction of clean training labels (1 - noise) as a dashed line: a method above it memorises."""
+    per method; the fraction of clean training labels (1 - noise) as a dashed line: a method above it memorises.
+    At one noise level, one point and one bar per method instead (`plot_one_level`)."""
+    if len({r["noise"] for r in rows}) == 1:
+        return plot_one_level(rows, path, title, base)
     fig, (test_ax, train_ax) = harness.pyplot().subplots(1, 2, figsize=(10, 4.2))
     for method in dict.fromkeys(r["method"] for r in rows):  # in the order run
         marker = {"base": "^", "sam": "o", "xsam": "s"}[parse_method(method)[0]]
@@ -162,6 +173,25 @@ def plot(rows: list[dict], path: str, title: str, base: str) -> None:
         ax.set_xticks(levels)
         ax.legend(fontsize=8)
     fig.suptitle(title)
+    harness.save_figure(fig, path)
+
+
+def plot_one_level(rows: list[dict], path: str, title: str, base: str) -> None:
+    """One noise level: each method's test accuracy (mean +- sd) and its fit of the noisy labels (a bar), side by
+    side, named with its rho and, where known, its cost per step (x the base optimizer's)."""
+    fig, (test_ax, train_ax) = harness.pyplot().subplots(1, 2, figsize=(11, 4.2))
+    names = [method_name(r["method"], base, r["rho"]).replace(" rho ", "\nrho ")
+             + ("" if r.get("cost") is None else f"\n{r['cost']:.2f}x") for r in rows]
+    for i, r in enumerate(rows):
+        test_ax.errorbar([i], [r["test"][0]], yerr=[r["test"][1]], marker="o", capsize=3)
+    train_ax.bar(range(len(rows)), [r["train"] for r in rows])
+    train_ax.axhline(1 - rows[0]["noise"], color="k", ls="--", lw=1, label="1 - noise (the clean labels)")
+    train_ax.legend(fontsize=8)
+    test_ax.set_ylabel("test accuracy, clean labels (mean +- sd)")
+    train_ax.set_ylabel("training accuracy on the noisy labels")
+    for ax in (test_ax, train_ax):
+        ax.set_xticks(range(len(rows)), names, fontsize=7)
+    fig.suptitle(f"{title}, {rows[0]['noise']:g} label noise")
     harness.save_figure(fig, path)
 
 
@@ -189,6 +219,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="more results files of the same study (e.g. one noise level per process) whose runs "
                              "are copied into --json first")
     parser.add_argument("--plot", default=None, help="PNG path (default: --json with .png)")
+    parser.add_argument("--cost", default=None,
+                        help="benchmarks/cost.py's JSON for the task's model: its quiet ratios to the base optimizer "
+                             "replace the runs' own seconds in the table")
     parser.add_argument("extra", nargs=argparse.REMAINDER,
                         help="after --: more flags for the example (text) or image_task (fashion_mnist)")
     args = parser.parse_args(argv)
@@ -250,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs, first, base = store.data["runs"], args.seeds[0], BASE[args.task]
     chosen = {noise: study_noise_level(args, store, noise) for noise in args.noise_levels}
     print(rho_table(runs, args.noise_levels, args.rhos, first, chosen))
-    rows = summary_rows(runs, args.noise_levels, args.seeds, chosen, args.methods)
+    rows = summary_rows(runs, args.noise_levels, args.seeds, chosen, args.methods, cost_ratios(args.cost))
     print(f"test accuracy over seeds {', '.join(map(str, args.seeds))} (validation and test labels clean)")
     print(results_table(rows, base))
     path = args.plot or os.path.splitext(args.json)[0] + ".png"

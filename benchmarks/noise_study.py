@@ -170,6 +170,15 @@ def method_name(method: str, base: str, rho: float | None = None) -> str:
     return name if rho is None else f"{name} rho {rho:g}"
 
 
+def cost_ratios(path: str | None) -> dict[str, float] | None:
+    """benchmarks/cost.py's JSON (``--json``) as cost per step over the base optimizer's, keyed by method name
+    (``xsam_n4_reuse``, ...); None without a path."""
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["ratios_to_base"]
+
+
 def check_distinct(args, *names: str) -> None:
     for name in names:
         values = getattr(args, name)

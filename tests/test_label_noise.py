@@ -226,14 +226,45 @@ def cheap_runs():
             for m, accs in tests.items() for s, acc in enumerate(accs)}
 
 
-def test_label_noise_rows_of_a_cheap_mode_take_its_familys_rho_and_compare_with_xsam():
+def test_label_noise_rows_of_a_cheap_mode_take_its_familys_rho_and_compare_with_its_full_method():
     methods = ["base", "xsam", "xsam_n4_reuse"]
     rows = label_noise.summary_rows(cheap_runs(), [0.4], [0, 1, 2], {0.4: {"xsam": 0.1}}, methods)
     assert [(r["method"], r["rho"]) for r in rows] == [("base", None), ("xsam", 0.1), ("xsam_n4_reuse", 0.1)]
-    assert rows[2]["vs_xsam"] == pytest.approx((-0.0133333, 0.0033333, 3), abs=1e-7)  # -.01 -.02 -.01
-    assert rows[1]["vs_xsam"] is None
+    assert rows[2]["vs_full"] == pytest.approx((-0.0133333, 0.0033333, 3), abs=1e-7)  # -.01 -.02 -.01
+    assert rows[1]["vs_full"] is None
     table = label_noise.results_table(rows, "SGD")
-    assert "gap to XSAM (paired ± SE)" in table and "| XSAM N=4 reuse rho 0.1 | 3 |" in table
+    assert "gap to its full method (paired ± SE)" in table and "| XSAM N=4 reuse rho 0.1 | 3 |" in table
+    assert "| 20 |" in table.splitlines()[-1]  # without --cost: the runs' own median seconds
+
+
+def test_label_noise_compares_looksam_with_sam_and_shows_the_quiet_cost():
+    runs = {**cheap_runs(), **{noise_study.run_key(m, 0.4, 0.1, s): dict(record(acc), steps=100, seconds=30.0)
+                               for m, accs in (("sam", [0.75, 0.77, 0.79]), ("sam_n4_reuse", [0.74, 0.77, 0.76]))
+                               for s, acc in enumerate(accs)}}
+    cost = {"base": 1.0, "sam": 2.0, "sam_n4_reuse": 1.3}  # cost.py's keys (ratios_to_base); XSAM not timed
+    rows = label_noise.summary_rows(runs, [0.4], [0, 1, 2], {0.4: {"sam": 0.1, "xsam": 0.1}},
+                                    ["base", "sam", "xsam", "sam_n4_reuse"], cost)
+    by = {r["method"]: r for r in rows}
+    assert by["sam_n4_reuse"]["vs_full"] == pytest.approx((-0.0133333, 0.0088192, 3), abs=1e-6)  # -.01 0 -.03
+    assert by["xsam"]["vs_sam"] == pytest.approx((0.0366667, 0.0066667, 3), abs=1e-6)  # .05 .03 .03
+    assert by["sam_n4_reuse"]["vs_sam"] is None and by["sam"]["vs_full"] is None
+    assert [r["cost"] for r in rows] == [1.0, 2.0, None, 1.3]
+    table = label_noise.results_table(rows, "AdamW").splitlines()
+    assert "cost per step vs AdamW (cost.py)" in table[0] and "| 0.4 | XSAM rho 0.1 | 3 |" in table[4]
+    assert [line.rsplit("|", 2)[1] for line in table[2:]] == [" 1.00x ", " 2.00x ", " - ", " 1.30x "]
+
+
+def test_label_noise_plot_at_one_noise_level_draws_one_point_and_one_bar_per_method(monkeypatch):
+    figures = []
+    monkeypatch.setattr(label_noise.harness, "save_figure", lambda fig, path: figures.append((fig, path)))
+    rows = [dict(noise=0.4, method=m, rho=rho, test=(t, 0.01), train=f, cost=c)
+            for m, rho, t, f, c in [("base", None, 0.57, 0.97, 1.0), ("xsam", 0.05, 0.66, 0.56, 2.2)]]
+    label_noise.plot(rows, "out.png", "title", "AdamW")
+    (fig, _), = figures
+    test_ax, train_ax = fig.axes
+    assert [list(bars.lines[0].get_ydata()) for bars in test_ax.containers] == [[0.57], [0.66]]
+    assert [bar.get_height() for bar in train_ax.patches] == [0.97, 0.56]
+    assert [t.get_text() for t in train_ax.get_xticklabels()] == ["AdamW\n1.00x", "XSAM\nrho 0.05\n2.20x"]
 
 
 def test_cheap_sharpness_share_of_xsams_gain_kept():
