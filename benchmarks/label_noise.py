@@ -219,6 +219,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="more results files of the same study (e.g. one noise level per process) whose runs "
                              "are copied into --json first")
     parser.add_argument("--plot", default=None, help="PNG path (default: --json with .png)")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: the tables of the runs in --json (and --merge) as they are, e.g. "
+                             "methods run over fewer seeds than others, or a study still running")
     parser.add_argument("--cost", default=None,
                         help="benchmarks/cost.py's JSON for the task's model: its quiet ratios to the base optimizer "
                              "replace the runs' own seconds in the table")
@@ -253,23 +256,33 @@ def runner_for(args, noise: float) -> Runner:
 
 def study_noise_level(args, store: Store, noise: float) -> dict[str, float]:
     """One noise level: SAM's and XSAM's rho chosen on validation (first seed), then every method over the seeds.
-    Returns the chosen rhos."""
+    Returns the chosen rhos. With ``--report`` nothing is trained: a missing run is left out (a family without any
+    run of its rho grid gets no rho, and none of its runs)."""
     print(f"label noise {noise:g}", flush=True)
     runner = None
 
     def run(method, rho, seed):
         nonlocal runner
-        if run_key(method, noise, rho, seed) not in store.data["runs"]:
+        key = run_key(method, noise, rho, seed)
+        if key not in store.data["runs"]:
+            if args.report:
+                return None
             runner = runner or runner_for(args, noise)  # loads the data only when a run is missing
-        return store.get(run_key(method, noise, rho, seed), lambda: runner(method, rho, seed),
+        return store.get(key, lambda: runner(method, rho, seed),
                          f"noise {noise:g} {method_name(method, BASE[args.task], rho)} seed {seed}")
 
     families = {parse_method(m)[0] for m in args.methods}
-    chosen = {m: choose_rho({rho: run(m, rho, args.seeds[0])["val_acc"] for rho in args.rhos})
-              for m in ("sam", "xsam") if m in families}
+    chosen = {}
+    for family in ("sam", "xsam"):
+        if family in families:
+            val = {rho: r["val_acc"] for rho in args.rhos if (r := run(family, rho, args.seeds[0])) is not None}
+            if val:
+                chosen[family] = choose_rho(val)
     for seed in args.seeds:
         for method in args.methods:
-            run(method, chosen.get(parse_method(method)[0]), seed)
+            family = parse_method(method)[0]
+            if family == "base" or family in chosen:
+                run(method, chosen.get(family), seed)
     return chosen
 
 

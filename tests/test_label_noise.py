@@ -287,3 +287,24 @@ def test_cheap_sharpness_share_of_xsams_gain_kept():
         row["cost"] = None
     assert "| 0.4 | XSAM | 0.1 | 3 | 0.8067 ± 0.0115 | 0.900 | +18.7 ± 0.7 pt | - | 100% | 200 |" in \
         cheap_sharpness.results_table(rows)  # without --cost: the runs' own ms per step
+
+
+def test_label_noise_report_trains_nothing_and_leaves_missing_runs_out(tmp_path, monkeypatch, capsys):
+    """--report: the rho of SAM from the grid runs there are (no XSAM run: no XSAM row), methods over the seeds they
+    have; a missing run is never trained."""
+    monkeypatch.setattr(label_noise, "runner_for", lambda *a: pytest.fail("a run was trained"))
+    monkeypatch.setattr(label_noise.harness, "save_figure", lambda fig, path: None)
+    path = str(tmp_path / "study.json")
+    config = {"task": "text", "label_noise_seed": 0, "train_examples": 1000, "num_train_epochs": 6, "extra": []}
+    store = noise_study.Store(path, config)
+    runs = {("sam", 0.02, 0): 0.60, ("sam", 0.05, 0): 0.66, ("sam", 0.05, 1): 0.64, ("base", None, 0): 0.57,
+            ("base", None, 1): 0.58, ("base", None, 2): 0.56, ("sam_n4_reuse", 0.05, 0): 0.65}
+    for (method, rho, seed), acc in runs.items():
+        store.get(noise_study.run_key(method, 0.4, rho, seed), lambda acc=acc: record(acc), "made")
+    summary = label_noise.main(["--task", "text", "--train_examples", "1000", "--num_train_epochs", "6",
+                                "--noise_levels", "0.4", "--rhos", "0.02", "0.05", "0.1", "--seeds", "0", "1", "2",
+                                "--methods", "base", "sam", "xsam", "sam_n4_reuse", "--json", path, "--report"])
+    assert summary["chosen_rho"] == {"0.4": {"sam": 0.05}}
+    assert [(r["method"], r["seeds"]) for r in summary["rows"]] == [("base", 3), ("sam", 2), ("sam_n4_reuse", 1)]
+    assert summary["rows"][1]["vs_base"] == pytest.approx((0.075, 0.015, 2))  # .09 .06
+    assert "| 0.4 | SAM N=4 reuse rho 0.05 | 1 |" in capsys.readouterr().out
