@@ -17,6 +17,12 @@ The fine-tuning study of RESULTS.md (issue 27) is ``--task text --train_examples
 --noise_levels 0.4 --rhos 0.02 0.05 --methods base sam xsam xsam_n4_reuse``: 14 runs of 378 steps, about 2 h as two
 one-thread processes here (its commands in RESULTS.md split it by method).
 
+What sharpness-awareness buys in fine-tuning (issue 33, RESULTS.md) is the same study on two tasks, the tweets
+and BBC News (``-- --builtin_dataset bbc_news``), with the cheap modes ``xsam_n4_reuse`` and ``sam_n4_reuse``
+(LookSAM) and ``--cost benchmarks/results/cost_minilm_cpu_finetune.json`` (the quiet cost run's ratios in the
+table instead of the runs' own seconds); ``--report`` prints the tables of the runs there are and trains nothing
+(methods run over fewer seeds than others).
+
 The issue's bigger text study (3000 tweets x 6 epochs, 1125 steps a run) is ``--train_examples 3000
 --num_train_epochs 6``: about 22 h here, so rather on a GPU. If the CNN does not fit the noisy labels (the
 "train acc, noisy labels" column well under 1 - noise), give it more capacity after ``--`` (``--width``), or take
